@@ -1,0 +1,75 @@
+"""python -m comfy_ws_proxy --config conf/prod.py : parse config, run the app, handle signals."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from tornado.httpserver import HTTPServer
+
+from .app import make_app
+from .config import ConfigError, describe, load_settings
+from .logs import configure_logging
+
+log = logging.getLogger("comfy_ws_proxy")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = load_settings(argv)
+    except ConfigError as e:
+        print(f"comfy-ws-proxy: error: {e}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_json)
+    try:
+        return asyncio.run(serve(settings))
+    except ConfigError as e:
+        print(f"comfy-ws-proxy: error: {e}", file=sys.stderr)
+        return 2
+
+
+async def serve(settings) -> int:
+    try:
+        app, state = make_app(settings)
+    except (OSError, ValueError) as e:  # an unreadable key file or store path
+        where = "JWT_KEY_FILE" if settings.jwt_key_file and settings.jwt_key_file in str(e) or isinstance(e, ValueError) \
+            else "STORE_PATH"
+        raise ConfigError(f"{where}: {e}") from None
+    server = HTTPServer(app, xheaders=settings.trust_forwarded, idle_connection_timeout=75)
+    try:
+        server.listen(settings.port, settings.host)
+    except OSError as e:
+        raise ConfigError(f"PORT: cannot listen on {settings.host}:{settings.port}: {e.strerror}") from None
+    state.start()
+    log.info("comfy_ws_proxy %s listening on http://%s:%d/ws, ComfyUI at %s", state.version, settings.host,
+             settings.port, settings.comfy_url)
+    log.debug("settings: %s", dict(describe(settings)))
+    if settings.dev_mode:
+        log.warning("DEV_MODE is on: development defaults are allowed. Never run production like this.")
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals_seen = []
+
+    def on_signal(signum: int) -> None:
+        signals_seen.append(signum)
+        if len(signals_seen) > 1:
+            log.warning("second signal: exiting at once")
+            os._exit(1)
+        log.info("signal %s: shutting down gracefully (send it again to exit at once)", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    await stop.wait()
+    server.stop()
+    await state.stop()
+    await server.close_all_connections()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

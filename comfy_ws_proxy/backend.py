@@ -1,0 +1,233 @@
+"""Backend: one ComfyUI server. Its HTTP calls (AsyncHTTPClient), its circuit breaker and
+the half-open probe timer. BackendPool: the set of backends (a pool of one for now).
+
+Requests are built here from scratch: nothing of the client's request (Origin, cookies,
+Authorization) ever reaches ComfyUI. A foreign Origin would get a 403 from a loopback
+ComfyUI anyway (PROTOCOL.md 2.2).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any, Callable
+from urllib.parse import quote, urlsplit
+
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.ioloop import PeriodicCallback
+
+from .breaker import BreakerState, CircuitBreaker
+
+log = logging.getLogger(__name__)
+
+JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
+
+
+class ComfyUnavailable(Exception):
+    """The call did not reach ComfyUI, or ComfyUI failed (5xx): a countable failure,
+    or the breaker is open. ``outcome_unknown`` is True when the request may have been
+    processed (a timeout or a connection broken after the request was sent)."""
+
+    def __init__(self, reason: str, *, outcome_unknown: bool = False):
+        super().__init__(reason)
+        self.reason = reason
+        self.outcome_unknown = outcome_unknown
+
+
+class ComfyRejected(Exception):
+    """ComfyUI answered 4xx: the request itself is wrong. Not a breaker failure."""
+
+    def __init__(self, status: int, body: Any):
+        super().__init__(f"HTTP {status}")
+        self.status = status
+        self.body = body
+
+
+class Backend:
+    def __init__(self, base_url: str, http_client: AsyncHTTPClient, *, name: str = "default",
+                 connect_timeout: float = 5.0, request_timeout: float = 30.0, probe_timeout: float = 2.0,
+                 breaker: CircuitBreaker | None = None, clock: Callable[[], float] = time.monotonic,
+                 probe_interval_ms: float = 500, on_breaker_change: Callable[[str, str], None] | None = None):
+        self.name = name
+        self.base_url = base_url.rstrip("/")
+        parts = urlsplit(self.base_url)
+        ws_scheme = "wss" if parts.scheme == "https" else "ws"
+        self.ws_base = f"{ws_scheme}://{parts.netloc}{parts.path}"
+        self.http = http_client
+        self.connect_timeout = connect_timeout
+        self.request_timeout = request_timeout
+        self.probe_timeout = probe_timeout
+        self.clock = clock
+        self.breaker = breaker or CircuitBreaker()
+        self._breaker_listeners: list[Callable[[BreakerState, BreakerState], None]] = []
+        self.breaker._on_change = self._breaker_changed
+        if on_breaker_change is not None:
+            self._breaker_listeners.append(on_breaker_change)
+        self._probe_timer = PeriodicCallback(self._maybe_probe, probe_interval_ms)
+        self._probe_running = False
+        self.inflight = 0  # calls in progress, for graceful shutdown
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.last_probe_ok: bool | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._probe_timer.start()
+
+    def stop(self) -> None:
+        self._probe_timer.stop()
+
+    def add_breaker_listener(self, listener: Callable[[BreakerState, BreakerState], None]) -> None:
+        self._breaker_listeners.append(listener)
+
+    def _breaker_changed(self, old: BreakerState, new: BreakerState) -> None:
+        log.warning("ComfyUI %s breaker: %s -> %s", self.name, old.value, new.value)
+        for listener in list(self._breaker_listeners):
+            listener(old, new)
+
+    @property
+    def available(self) -> bool:
+        return self.breaker.allow(self.clock())
+
+    def ws_url(self, client_id: str) -> str:
+        return f"{self.ws_base}/ws?clientId={quote(client_id)}"
+
+    async def wait_idle(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    # --- calls -----------------------------------------------------------------------------
+    async def call(self, method: str, path: str, body: Any = None, *, timeout: float | None = None,
+                   count_failures: bool = True, bypass_breaker: bool = False) -> tuple[int, Any]:
+        """One HTTP call to ComfyUI; returns (status, parsed JSON or None).
+
+        Raises ComfyUnavailable (breaker open, connect error, timeout, 5xx) or ComfyRejected (4xx).
+        """
+        if not bypass_breaker and not self.breaker.allow(self.clock()):
+            raise ComfyUnavailable("breaker_open")
+        request = HTTPRequest(
+            self.base_url + path, method=method,
+            body=json.dumps(body) if body is not None else (b"" if method == "POST" else None),
+            headers=JSON_HEADERS, connect_timeout=self.connect_timeout,
+            request_timeout=timeout or self.request_timeout, follow_redirects=False,
+            decompress_response=True)
+        self.inflight += 1
+        self._idle.clear()
+        try:
+            response = await self.http.fetch(request, raise_error=False)
+        except asyncio.CancelledError:
+            raise  # a cancelled call is not a failure of ComfyUI
+        except Exception as e:
+            # Refused or a connect timeout: the request never reached ComfyUI. A timeout during
+            # the request or a connection closed mid-way: it may have been processed.
+            self._failed(count_failures)
+            certain = isinstance(e, OSError) or "while connecting" in str(e)
+            raise ComfyUnavailable(f"{type(e).__name__}: {e}", outcome_unknown=not certain) from None
+        finally:
+            self.inflight -= 1
+            if self.inflight == 0:
+                self._idle.set()
+        status = response.code
+        if status >= 500:
+            self._failed(count_failures)
+            raise ComfyUnavailable(f"HTTP {status}")
+        parsed = _parse_json(response.body)
+        if status >= 400:
+            self.breaker.record_success(self.clock())  # ComfyUI answered: it is up
+            raise ComfyRejected(status, parsed)
+        self.breaker.record_success(self.clock())
+        return status, parsed
+
+    def _failed(self, count: bool) -> None:
+        if count:
+            self.breaker.record_failure(self.clock())
+
+    async def submit_prompt(self, body: dict) -> dict:
+        _, parsed = await self.call("POST", "/prompt", body)
+        return parsed if isinstance(parsed, dict) else {}
+
+    async def history(self, prompt_id: str) -> dict:
+        _, parsed = await self.call("GET", "/history/" + quote(prompt_id, safe=""))
+        return parsed if isinstance(parsed, dict) else {}
+
+    async def queue(self) -> dict:
+        _, parsed = await self.call("GET", "/queue")
+        return parsed if isinstance(parsed, dict) else {}
+
+    async def interrupt(self, prompt_id: str) -> None:
+        # Always with a prompt_id: an empty body interrupts whoever is running (PROTOCOL.md 2.6).
+        await self.call("POST", "/interrupt", {"prompt_id": prompt_id})
+
+    async def delete_queued(self, prompt_id: str) -> None:
+        await self.call("POST", "/queue", {"delete": [prompt_id]})
+
+    # --- probing ---------------------------------------------------------------------------
+    def _maybe_probe(self) -> None:
+        if self._probe_running or not self.breaker.try_begin_probe(self.clock()):
+            return
+        self._probe_running = True
+        asyncio.ensure_future(self._probe())
+
+    async def _probe(self) -> None:
+        try:
+            await self.call("GET", "/system_stats", timeout=self.probe_timeout, count_failures=False,
+                            bypass_breaker=True)
+            ok = True
+        except (ComfyUnavailable, ComfyRejected):
+            ok = False
+        finally:
+            self._probe_running = False
+        self.last_probe_ok = ok
+        if ok:
+            self.breaker.probe_succeeded(self.clock())
+        else:
+            self.breaker.probe_failed(self.clock())
+
+    async def check_reachable(self, timeout: float) -> bool:
+        """For /ready: a cheap GET /prompt that does not touch the breaker."""
+        try:
+            await self.call("GET", "/prompt", timeout=timeout, count_failures=False, bypass_breaker=True)
+            return True
+        except (ComfyUnavailable, ComfyRejected):
+            return False
+
+
+def _parse_json(body: bytes | None) -> Any:
+    if not body:
+        return None
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
+class BackendPool:
+    """The backends behind this proxy and the routing choice. One backend today; the
+    choice of backend per prompt lives here so several can be added without a rewrite."""
+
+    def __init__(self, backends: list[Backend]):
+        if not backends:
+            raise ValueError("at least one backend")
+        self.backends = {b.name: b for b in backends}
+        self.default = backends[0]
+
+    def for_user(self, user_id: str) -> Backend:
+        return self.default
+
+    def get(self, name: str) -> Backend:
+        return self.backends.get(name, self.default)
+
+    def __iter__(self):
+        return iter(self.backends.values())
+
+    def start(self) -> None:
+        for b in self:
+            b.start()
+
+    def stop(self) -> None:
+        for b in self:
+            b.stop()

@@ -1,0 +1,359 @@
+"""Every option, declared once: name, type, default, help, environment names.
+
+Sources, lowest to highest precedence: the default, the config file (``--config FILE``,
+a tornado.options-style Python file of ``name = value`` lines), environment variables,
+command-line flags. The result is a frozen :class:`Settings`.
+
+Unlike tornado.options, an unknown name in the config file is an error: a typo in
+production config must stop the process, not be silently ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+DEFAULT_METRICS_SECRET = "dev-metrics-secret"
+
+
+class ConfigError(Exception):
+    """A bad configuration value; ``str()`` is the one line shown to the operator."""
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # attribute name in Settings and config files (lower case)
+    type: str  # "str" | "int" | "float" | "bool" | "list"
+    default: Any
+    help: str
+    env: tuple[str, ...] = ()  # environment names, first one is the documented one
+    required: bool = False
+    minimum: float | None = None
+    choices: tuple[str, ...] = ()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _opt(name, type_, default, help_, *, env=None, required=False, minimum=None, choices=()):
+    env_names = (name.upper(),) if env is None else tuple(env)
+    return Option(name, type_, default, help_, env_names, required, minimum, tuple(choices))
+
+
+KIB = 1024
+MIB = 1024 * 1024
+
+OPTIONS: tuple[Option, ...] = (
+    # --- server -----------------------------------------------------------------------------
+    _opt("port", "int", 8190, "TCP port to listen on.", minimum=0),
+    _opt("host", "str", "127.0.0.1", "Address to bind (0.0.0.0 for every interface)."),
+    _opt("dev_mode", "bool", False,
+         "Development mode: allows NO_VERIFY and the default metrics secret. Never in production."),
+    _opt("trust_forwarded", "bool", False,
+         "Trust X-Forwarded-For / X-Real-IP (run behind nginx). Off: the socket peer is the client."),
+    _opt("log_json", "bool", False, "Write log lines as JSON objects."),
+    _opt("log_level", "str", "info", "Log level.", choices=("debug", "info", "warning", "error")),
+    _opt("shutdown_grace_ms", "int", 10000,
+         "On SIGTERM, how long in-flight ComfyUI calls may take before the process exits.", minimum=0),
+    _opt("demo_page", "bool", False, "Serve the browser demo page at /demo."),
+    # --- ComfyUI ----------------------------------------------------------------------------
+    _opt("comfy_url", "str", "", "Base URL of ComfyUI, e.g. http://127.0.0.1:8188 (required).",
+         env=("COMFY_URL", "COMFYUI_URL"), required=True),
+    _opt("comfy_connect_timeout_ms", "int", 5000, "Connect timeout for calls to ComfyUI.", minimum=1),
+    _opt("comfy_request_timeout_ms", "int", 30000, "Total timeout of one HTTP call to ComfyUI.", minimum=1),
+    _opt("upstream_max_message_bytes", "int", 64 * MIB,
+         "Largest frame accepted from ComfyUI (full-size SaveImageWebsocket frames exceed 8 MB).",
+         minimum=1024),
+    _opt("upstream_ping_interval_s", "float", 20.0,
+         "Ping ComfyUI's WebSocket this often (ComfyUI never pings) to detect dead sockets.", minimum=0),
+    _opt("upstream_reconnect_min_ms", "int", 250, "First upstream reconnect delay.", minimum=1),
+    _opt("upstream_reconnect_max_ms", "int", 30000, "Cap of the upstream reconnect delay.", minimum=1),
+    _opt("upstream_preview_metadata", "bool", True,
+         "Ask ComfyUI for type-4 previews (they carry the prompt id, so routing is exact)."),
+    # --- circuit breaker --------------------------------------------------------------------
+    _opt("breaker_failure_threshold", "int", 5, "Consecutive failures that open the breaker.", minimum=1),
+    _opt("breaker_open_ms", "int", 5000, "First open period before a half-open probe.", minimum=1),
+    _opt("breaker_max_open_ms", "int", 60000, "Cap of the open period while probes keep failing.",
+         minimum=1),
+    _opt("breaker_probe_timeout_ms", "int", 2000, "Timeout of the GET /system_stats probe.", minimum=1),
+    # --- sessions ---------------------------------------------------------------------------
+    _opt("max_connections_per_user", "int", 1, "Simultaneous client sockets per user.", minimum=1),
+    _opt("max_connections_per_ip", "int", 100, "Simultaneous client sockets per IP (0 = no cap).",
+         minimum=0),
+    _opt("session_timeout_ms", "int", 1800000, "Idle time after which a session expires.", minimum=1),
+    _opt("cleanup_interval_ms", "int", 300000, "How often expired sessions are removed.", minimum=1),
+    _opt("max_queued_prompts_per_user", "int", 100,
+         "Prompts a user may have waiting in the proxy's queue.", minimum=1),
+    _opt("resume_buffer_size", "int", 500, "Messages kept per session for resume.", minimum=0),
+    _opt("store_path", "str", "comfy_ws_proxy.sqlite3",
+         "SQLite file for the durable queue and prompt ownership (':memory:' for tests)."),
+    # --- client limits ----------------------------------------------------------------------
+    _opt("max_message_bytes", "int", 1 * MIB, "Largest client message accepted (message_too_large).",
+         minimum=64),
+    _opt("max_prompt_nodes", "int", 2000, "Most nodes one submitted prompt may have.", minimum=1),
+    _opt("submit_rate_per_s", "float", 2.0, "Sustained prompt submissions per user per second.",
+         minimum=0.001),
+    _opt("submit_burst", "int", 20, "Prompt submissions a user may burst.", minimum=1),
+    _opt("node_allowlist", "list", [], "If set, only these node class_types may be submitted."),
+    _opt("max_outbound_buffer_bytes", "int", 2 * MIB,
+         "Unsent bytes a client may owe before it is closed as too slow.", minimum=64 * KIB),
+    _opt("ws_ping_interval_s", "float", 25.0,
+         "Ping clients this often (keep below nginx proxy_read_timeout).", minimum=0),
+    _opt("ws_ping_timeout_s", "float", 60.0, "Close a client that has not answered pings.", minimum=0),
+    _opt("handshake_timeout_ms", "int", 10000, "Time allowed for the upgrade and JWT checks.",
+         minimum=1),
+    # --- auth -------------------------------------------------------------------------------
+    _opt("no_verify", "bool", False,
+         "DEVELOPMENT ONLY: accept any token and take sub unverified (needs dev_mode)."),
+    _opt("jwt_issuers", "list", [], "Allowed iss values (comma-separated); empty: any."),
+    _opt("jwt_audiences", "list", [], "Allowed aud values (comma-separated); empty: aud not checked."),
+    _opt("jwt_alg_allowlist", "list", ["EdDSA"], "Accepted JWT algorithms (comma-separated)."),
+    _opt("jwt_jwks_url", "str", "", "URL of the issuer's JWKS (fetched asynchronously and cached)."),
+    _opt("jwt_key_file", "str", "", "Local JWKS (.json) or PEM public key file, for single-machine setups."),
+    _opt("jwt_leeway_s", "int", 30, "Clock skew allowed for exp/nbf/iat.", minimum=0),
+    _opt("jwks_cache_ttl_s", "int", 300, "How long fetched JWKS keys are fresh.", minimum=1),
+    _opt("jwks_min_refetch_interval_s", "int", 30,
+         "At most one JWKS fetch per this interval, whatever unknown kids arrive.", minimum=0),
+    _opt("allow_query_token", "bool", False,
+         "Accept ?token= on /ws (URLs reach logs; prefer the subprotocol)."),
+    _opt("allowed_origins", "list", [],
+         "Origins allowed to open /ws from a browser; empty: same host only; '*': any."),
+    _opt("metrics_secret", "str", DEFAULT_METRICS_SECRET,
+         "Bearer secret for /metrics. The default works only in dev_mode."),
+    _opt("metrics_public", "bool", False,
+         "Serve the Prometheus text at /metrics/prometheus without the secret."),
+)
+
+OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
+
+Settings = dataclasses.make_dataclass(
+    "Settings",
+    [(o.name, Any, dataclasses.field(default=o.default if not isinstance(o.default, list) else tuple(o.default)))
+     for o in OPTIONS],
+    frozen=True,
+)
+Settings.__doc__ = "The validated, frozen configuration. Build it with load_settings() or settings_for_tests()."
+Settings.replace = lambda self, **changes: dataclasses.replace(self, **changes)  # type: ignore[attr-defined]
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _convert(option: Option, raw: Any, where: str) -> Any:
+    """Turn a raw value (a string from env/CLI, or a Python value from a file) into the option's type."""
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"{option.name.upper()} ({where}): {why}")
+
+    kind = option.type
+    if kind == "bool":
+        if isinstance(raw, bool):
+            value = raw
+        elif isinstance(raw, str) and raw.strip().lower() in _TRUE | _FALSE:
+            value = raw.strip().lower() in _TRUE
+        else:
+            raise bad(f"expected true or false, got {raw!r}")
+    elif kind == "int":
+        if isinstance(raw, bool):
+            raise bad(f"expected an integer, got {raw!r}")
+        try:
+            value = int(raw.strip()) if isinstance(raw, str) else int(raw)
+            if not isinstance(raw, (str, int)):
+                raise ValueError
+        except (TypeError, ValueError):
+            raise bad(f"expected an integer, got {raw!r}") from None
+    elif kind == "float":
+        if isinstance(raw, bool):
+            raise bad(f"expected a number, got {raw!r}")
+        try:
+            value = float(raw.strip()) if isinstance(raw, str) else float(raw)
+        except (TypeError, ValueError):
+            raise bad(f"expected a number, got {raw!r}") from None
+    elif kind == "list":
+        if isinstance(raw, str):
+            value = tuple(part.strip() for part in raw.split(",") if part.strip())
+        elif isinstance(raw, (list, tuple)) and all(isinstance(p, str) for p in raw):
+            value = tuple(raw)
+        else:
+            raise bad(f"expected a comma-separated list, got {raw!r}")
+    else:
+        if not isinstance(raw, str):
+            raise bad(f"expected a string, got {raw!r}")
+        value = raw.strip()
+    if option.minimum is not None and value < option.minimum:
+        raise bad(f"must be at least {option.minimum:g}, got {value!r}")
+    if option.choices and value not in option.choices:
+        raise bad(f"must be one of {', '.join(option.choices)}, got {value!r}")
+    return value
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """Execute a tornado.options-style file and return its option assignments.
+
+    Names starting with an underscore and imported modules are ignored; any other
+    unknown name is an error (tornado.options would silently ignore the typo).
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot read: {e.strerror}") from None
+    namespace: dict[str, Any] = {"__file__": path}
+    try:
+        exec(compile(source, path, "exec"), namespace)  # noqa: S102 - operator-owned config file
+    except Exception as e:  # a syntax error in config must become one clear line
+        raise ConfigError(f"--config {path}: {type(e).__name__}: {e}") from None
+    values = {}
+    for name, value in namespace.items():
+        if name.startswith("_") or type(value).__name__ == "module":
+            continue
+        key = name.lower()
+        if key not in OPTIONS_BY_NAME:
+            raise ConfigError(f"{name} ({path}): unknown option; see --help for the list")
+        values[key] = value
+    return values
+
+
+def _parse_argv(argv: Sequence[str]) -> tuple[str | None, dict[str, str], bool]:
+    """Return (config path, {option: raw value}, help requested). Accepts --flag=value and --flag value."""
+    config_path = None
+    values: dict[str, str] = {}
+    want_help = False
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if arg in ("-h", "--help"):
+            want_help = True
+            continue
+        if not arg.startswith("--"):
+            raise ConfigError(f"{arg}: unexpected argument; options look like --name=value")
+        name, eq, value = arg[2:].partition("=")
+        key = name.replace("-", "_").lower()
+        if key != "config" and key not in OPTIONS_BY_NAME:
+            raise ConfigError(f"--{name}: unknown option; see --help for the list")
+        if not eq:
+            option = OPTIONS_BY_NAME.get(key)
+            if option is not None and option.type == "bool" and (i >= len(args) or args[i].startswith("--")):
+                value = "true"  # a bare boolean flag
+            elif i < len(args):
+                value = args[i]
+                i += 1
+            else:
+                raise ConfigError(f"--{name}: missing value")
+        if key == "config":
+            config_path = value
+        else:
+            values[key] = value
+    return config_path, values, want_help
+
+
+def help_text() -> str:
+    lines = ["usage: comfy-ws-proxy [--config FILE] [--option=value ...]", "",
+             "Precedence: command line > environment > config file > default.", "",
+             "Options (flag / environment variable / default):"]
+    for o in OPTIONS:
+        default = ",".join(o.default) if isinstance(o.default, list) else o.default
+        if o.name == "metrics_secret":
+            default = "(development default)"
+        req = " REQUIRED" if o.required else ""
+        lines.append(f"  {o.flag:<34} {o.env[0]:<30} [{default}]{req}")
+        lines.append(f"      {o.help}")
+    lines.append(f"  {'--config FILE':<34} {'':<30} a Python file of name = value lines, e.g. conf/prod.py")
+    return "\n".join(lines)
+
+
+def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+                  ) -> "Settings":
+    """Build Settings from argv and environ. Raises ConfigError, or SystemExit(0) after --help."""
+    argv = sys.argv[1:] if argv is None else argv
+    environ = os.environ if environ is None else environ
+    config_path, cli_values, want_help = _parse_argv(argv)
+    if want_help:
+        print(help_text())
+        raise SystemExit(0)
+    if config_path is None:
+        config_path = environ.get("COMFY_WS_PROXY_CONFIG") or None
+
+    values: dict[str, Any] = {}
+    if config_path:
+        for key, raw in read_config_file(config_path).items():
+            values[key] = _convert(OPTIONS_BY_NAME[key], raw, config_path)
+    for option in OPTIONS:
+        for env_name in option.env:
+            if env_name in environ:
+                values[option.name] = _convert(option, environ[env_name], f"environment {env_name}")
+                break
+    for key, raw in cli_values.items():
+        values[key] = _convert(OPTIONS_BY_NAME[key], raw, "command line")
+    return build_settings(values)
+
+
+def build_settings(values: Mapping[str, Any]) -> "Settings":
+    """Fill defaults, check required options and cross-option rules, freeze."""
+    merged = {}
+    for o in OPTIONS:
+        value = values.get(o.name, o.default)
+        merged[o.name] = tuple(value) if isinstance(value, list) else value
+    settings = Settings(**merged)
+    validate(settings)
+    return settings
+
+
+def validate(s: "Settings") -> None:
+    """Rules that involve more than one option or a value's shape."""
+    from urllib.parse import urlsplit
+
+    if not s.comfy_url:
+        raise ConfigError("COMFY_URL: required (the ComfyUI base URL, e.g. http://127.0.0.1:8188)")
+    parts = urlsplit(s.comfy_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"COMFY_URL: expected an http(s) URL like http://127.0.0.1:8188, got {s.comfy_url!r}")
+    if s.no_verify and not s.dev_mode:
+        raise ConfigError("NO_VERIFY: true is refused unless DEV_MODE=true (it accepts forged tokens)")
+    if not s.dev_mode and s.metrics_secret == DEFAULT_METRICS_SECRET:
+        raise ConfigError("METRICS_SECRET: set a secret of your own (the default works only with DEV_MODE=true)")
+    if len(s.metrics_secret) < 8 and not s.dev_mode:
+        raise ConfigError("METRICS_SECRET: too short, use at least 8 characters")
+    if not s.no_verify and not (s.jwt_jwks_url or s.jwt_key_file):
+        raise ConfigError("JWT_JWKS_URL: set it or JWT_KEY_FILE so tokens can be verified")
+    if s.jwt_jwks_url and urlsplit(s.jwt_jwks_url).scheme not in ("http", "https"):
+        raise ConfigError(f"JWT_JWKS_URL: expected an http(s) URL, got {s.jwt_jwks_url!r}")
+    bad_algs = [a for a in s.jwt_alg_allowlist if a.lower() == "none" or a.upper().startswith("HS")]
+    if bad_algs:
+        raise ConfigError(f"JWT_ALG_ALLOWLIST: {', '.join(bad_algs)} not allowed (only public-key algorithms)")
+    if not s.jwt_alg_allowlist:
+        raise ConfigError("JWT_ALG_ALLOWLIST: must name at least one algorithm")
+    if s.upstream_reconnect_max_ms < s.upstream_reconnect_min_ms:
+        raise ConfigError("UPSTREAM_RECONNECT_MAX_MS: must be >= UPSTREAM_RECONNECT_MIN_MS")
+    if s.breaker_max_open_ms < s.breaker_open_ms:
+        raise ConfigError("BREAKER_MAX_OPEN_MS: must be >= BREAKER_OPEN_MS")
+
+
+def settings_for_tests(**overrides: Any) -> "Settings":
+    """Settings for in-process tests: dev mode, in-memory store, unless overridden."""
+    values = {"comfy_url": "http://127.0.0.1:1", "dev_mode": True, "store_path": ":memory:",
+              "no_verify": False, "jwt_key_file": "", "jwt_jwks_url": ""}
+    values.update(overrides)
+    merged = {}
+    for o in OPTIONS:
+        value = values.get(o.name, o.default)
+        merged[o.name] = tuple(value) if isinstance(value, list) else value
+    return Settings(**merged)
+
+
+def describe(settings: "Settings") -> Iterable[tuple[str, Any]]:
+    """(name, value) pairs with secrets masked, for the start-up log."""
+    for o in OPTIONS:
+        value = getattr(settings, o.name)
+        if o.name == "metrics_secret":
+            value = "***"
+        yield o.name, value
+
+
+__all__ = ["ConfigError", "OPTIONS", "Option", "Settings", "load_settings", "build_settings",
+           "settings_for_tests", "help_text", "describe", "DEFAULT_METRICS_SECRET"]
+

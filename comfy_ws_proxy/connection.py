@@ -1,0 +1,220 @@
+"""ClientConnection: one client WebSocket. Authenticates before the upgrade, then turns
+client messages into session calls and writes what the session sends, within a bounded
+outbound budget (a client that stops reading is closed; it never makes the proxy buffer
+without bound, nor slows the upstream read loop or other users).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+from tornado.websocket import WebSocketClosedError, WebSocketHandler
+
+from .auth import AuthError, Identity, TokenVerifier, extract_token, requested_subprotocols
+from .metrics import Metrics
+from .protocol import (SUBPROTOCOL, Cancel, CloseCode, ErrorCode, Ping, ProtocolError, Resume, SubmitPrompt,
+                       parse_client_message)
+
+log = logging.getLogger(__name__)
+
+
+def client_ip(request, trust_forwarded: bool) -> str:
+    """The peer address, or the forwarded one when a trusted proxy (nginx) sets it.
+    With xheaders on, Tornado already put X-Real-IP / X-Forwarded-For in remote_ip."""
+    return request.remote_ip or "unknown"
+
+
+class ClientConnection(WebSocketHandler):
+    def initialize(self, registry, prompts, verifier: TokenVerifier, settings, metrics: Metrics, app_state):
+        self.registry = registry
+        self.prompts = prompts
+        self.verifier = verifier
+        self.settings_ = settings
+        self.metrics = metrics
+        self.app_state = app_state
+        self.identity: Identity | None = None
+        self.session = None
+        self.ip = "unknown"
+        self.pending_bytes = 0
+        self.closing = False
+        self._expiry_handle = None
+
+    # --- the upgrade ------------------------------------------------------------------------------
+    async def get(self, *args, **kwargs):
+        s = self.settings_
+        if not self.registry.accepting:
+            return self._refuse(503, "shutting_down", "The proxy is shutting down")
+        self.ip = client_ip(self.request, s.trust_forwarded)
+        origin = self.request.headers.get("Origin")
+        if origin is not None and not self.check_origin(origin):
+            self.metrics.auth_failures.labels("origin").inc()
+            return self._refuse(403, "forbidden_origin", "Origin not allowed")
+        if not self.registry.ip_allowed(self.ip):
+            self.metrics.auth_failures.labels("too_many_connections_ip").inc()
+            return self._refuse(429, ErrorCode.TOO_MANY_CONNECTIONS, "Too many connections from this address")
+        token, source = extract_token(self.request.headers, self.request.query, allow_query=s.allow_query_token)
+        try:
+            self.identity = await asyncio.wait_for(self.verifier.verify(token), s.handshake_timeout_ms / 1000)
+        except AuthError as e:
+            self.metrics.auth_failures.labels(e.reason).inc()
+            log.info("auth refused ip=%s source=%s reason=%s", self.ip, source, e.reason)
+            return self._refuse(401, ErrorCode.UNAUTHORIZED, e.message, reason=e.reason)
+        except asyncio.TimeoutError:
+            self.metrics.auth_failures.labels("timeout").inc()
+            return self._refuse(401, ErrorCode.UNAUTHORIZED, "Token could not be verified in time",
+                                reason="timeout")
+        if not self.identity.verified:
+            log.warning("NO_VERIFY is on: accepting an UNVERIFIED token for user=%s ip=%s",
+                        self.identity.user_id, self.ip)
+        await super().get(*args, **kwargs)
+
+    def _refuse(self, status: int, code: str, message: str, **extra) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        if status == 401:
+            self.set_header("WWW-Authenticate", 'Bearer realm="comfy_ws_proxy"')
+        self.finish(json.dumps({"error": {"code": code, "message": message, **extra}}))
+
+    def check_origin(self, origin: str) -> bool:
+        allowed = self.settings_.allowed_origins
+        if "*" in allowed:
+            return True
+        if allowed:
+            return origin.rstrip("/") in {o.rstrip("/") for o in allowed}
+        return super().check_origin(origin)  # same host only
+
+    def select_subprotocol(self, subprotocols):
+        # Select ours; never echo the bearer.<token> item.
+        return SUBPROTOCOL if SUBPROTOCOL in subprotocols else None
+
+    def get_compression_options(self):
+        return None  # previews are already compressed; deflate would cost CPU per user
+
+    # --- the session ---------------------------------------------------------------------------
+    async def open(self, *args, **kwargs):
+        identity = self.identity
+        try:
+            self.session = self.registry.attach(self, identity.user_id, self.ip)
+        except ProtocolError as e:
+            self.metrics.client_errors.labels(e.code).inc()
+            self._write(json.dumps({"type": "error", "data": e.to_data(), "seq": 0}), "error")
+            self.close(CloseCode.TOO_MANY_CONNECTIONS, e.message)
+            return
+        session = self.session
+        log.info("connection open user=%s session=%s ip=%s", identity.user_id, session.session_id[:8], self.ip)
+        if identity.expires_at is not None:
+            delay = max(0.0, identity.expires_at - time.time())
+            self._expiry_handle = asyncio.get_running_loop().call_later(delay, self._token_expired)
+        session.send("session", {"session_id": session.session_id, "user_id": identity.user_id,
+                                 "resumed": False}, only=self)
+        # Wait for the upstream socket (Tornado reads no client frame before open() returns),
+        # but not for long: when ComfyUI is down the client is accepted and told so.
+        link = session.link
+        if link is not None and not await link.wait_ready(self.prompts.ready_timeout):
+            session.send("error", {"code": ErrorCode.COMFY_UNAVAILABLE,
+                                   "message": "ComfyUI is temporarily unavailable",
+                                   "details": {"prompts": "will be queued"}}, only=self)
+
+    def _token_expired(self) -> None:
+        self._expiry_handle = None
+        if self.session is not None:
+            self.session.send("error", {"code": ErrorCode.UNAUTHORIZED, "message": "Token expired"}, only=self)
+        self.close(CloseCode.TOKEN_EXPIRED, "token expired")
+
+    async def on_message(self, message):
+        session = self.session
+        if session is None:
+            return
+        session.touch(self.registry.clock())
+        s = self.settings_
+        size = len(message)
+        self.metrics.relayed("to_comfy", "control", size)
+        try:
+            if size > s.max_message_bytes:
+                raise ProtocolError(ErrorCode.MESSAGE_TOO_LARGE,
+                                    f"Message of {size} bytes is over the {s.max_message_bytes} byte limit")
+            msg = parse_client_message(message, max_prompt_nodes=s.max_prompt_nodes,
+                                       node_allowlist=s.node_allowlist)
+            if isinstance(msg, Ping):
+                session.send("pong", msg.data if isinstance(msg.data, dict) else {}, only=self)
+            elif isinstance(msg, SubmitPrompt):
+                await self.prompts.submit(session, msg)
+            elif isinstance(msg, Cancel):
+                await self.prompts.cancel(session, msg)
+            elif isinstance(msg, Resume):
+                self._resume(msg)
+        except ProtocolError as e:
+            self.metrics.client_errors.labels(e.code).inc()
+            log.info("client error user=%s code=%s", session.user_id, e.code)
+            session.send("error", e.to_data(), only=self)
+        except Exception:
+            log.exception("internal error handling a client message user=%s", session.user_id)
+            self.metrics.client_errors.labels(ErrorCode.INTERNAL_ERROR).inc()
+            session.send("error", {"code": ErrorCode.INTERNAL_ERROR, "message": "Internal error"}, only=self)
+
+    def _resume(self, msg: Resume) -> None:
+        session = self.session
+        if msg.session_id != session.session_id:
+            # Expired, unknown, or another user's: the same answer for all three.
+            session.send("resume_gap", {"session_id": msg.session_id, "last_seq": msg.last_seq,
+                                        "reason": "unknown_session"}, only=self)
+        else:
+            complete, messages = session.since(msg.last_seq)
+            if not complete:
+                session.send("resume_gap", {"session_id": msg.session_id, "last_seq": msg.last_seq,
+                                            "reason": "buffer_exceeded"}, only=self)
+            for text in messages:
+                self._write(text, "control")
+        session.send("prompts_state", {"prompts": session.prompt_states()}, only=self)
+
+    def on_close(self):
+        if self._expiry_handle is not None:
+            self._expiry_handle.cancel()
+        if self.session is not None:
+            log.info("connection closed user=%s session=%s code=%s", self.session.user_id,
+                     self.session.session_id[:8], self.close_code)
+            self.registry.detach(self, self.session, self.ip)
+
+    # --- writing -----------------------------------------------------------------------------
+    def send_text(self, text: str, kind_class: str) -> None:
+        self._write(text, kind_class)
+
+    def send_binary(self, frame: bytes, kind_class: str) -> None:
+        self._write(frame, kind_class, binary=True)
+
+    def _write(self, payload, kind_class: str, binary: bool = False) -> None:
+        if self.closing or self.ws_connection is None:
+            return
+        size = len(payload)
+        # The client already owes more than its budget: it has stopped reading. (Checked
+        # before adding, so one large preview frame still goes to a client that keeps up.)
+        if self.pending_bytes > self.settings_.max_outbound_buffer_bytes:
+            self.metrics.slow_consumers.inc()
+            log.warning("closing a client that stopped reading user=%s pending=%d",
+                        self.identity.user_id if self.identity else "?", self.pending_bytes)
+            self.closing = True
+            self.close(CloseCode.SLOW_CONSUMER, "too slow: resume to catch up")
+            return
+        try:
+            future = self.write_message(payload, binary=binary)
+        except WebSocketClosedError:
+            return
+        self.pending_bytes += size
+        future.add_done_callback(lambda f, n=size: self._written(f, n))
+        self.metrics.relayed("to_client", kind_class, size)
+
+    def _written(self, future, size: int) -> None:
+        self.pending_bytes -= size
+        if not future.cancelled():
+            future.exception()  # a closed stream: on_close handles it; mark the error as seen
+
+    def close_for_shutdown(self) -> None:
+        if self.session is not None:
+            self.session.send("shutting_down", {"message": "The proxy is restarting; reconnect and resume"},
+                              only=self)
+        self.close(CloseCode.GOING_AWAY, "proxy shutting down")
+
+
+__all__ = ["ClientConnection", "requested_subprotocols"]

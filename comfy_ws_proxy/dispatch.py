@@ -1,0 +1,369 @@
+"""PromptService: submit, queue while ComfyUI is down, drain, cancel, reconcile.
+
+The proxy mints every prompt_id before the POST and records it (store), so:
+- events that beat the HTTP response are attributed (PROTOCOL.md 3.7);
+- a POST whose outcome is unknown (timeout, broken connection, proxy killed mid-POST) is
+  reconciled through GET /history/{id} and GET /queue before it is sent again with the
+  same id: ComfyUI never gets a prompt twice, and one that forgot it (restart) gets it again.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from typing import Callable
+
+from tornado.ioloop import PeriodicCallback
+
+from .backend import Backend, BackendPool, ComfyRejected, ComfyUnavailable
+from .breaker import BreakerState
+from .metrics import Metrics
+from .protocol import Cancel, ErrorCode, ProtocolError, SubmitPrompt
+from .session import Session, SessionRegistry
+from .store import PromptRecord, PromptState, Store
+from .upstream import FINAL_EVENTS
+
+log = logging.getLogger(__name__)
+
+_FINAL_STATE = {"execution_success": PromptState.SUCCESS, "execution_error": PromptState.ERROR,
+                "execution_interrupted": PromptState.INTERRUPTED}
+
+
+class PromptService:
+    def __init__(self, registry: SessionRegistry, store: Store, pool: BackendPool, metrics: Metrics, settings,
+                 clock: Callable[[], float]):
+        self.registry = registry
+        self.store = store
+        self.pool = pool
+        self.metrics = metrics
+        self.settings = settings
+        self.clock = clock
+        self._draining: asyncio.Future | None = None
+        self._drain_again = False
+        self._rr = 0  # round-robin start, for fairness across users
+        self._timer = PeriodicCallback(self.kick, 1000)  # safety net; kicks come from events
+        self.ready_timeout = settings.comfy_connect_timeout_ms / 1000
+        for backend in pool:
+            backend.add_breaker_listener(self._breaker_changed)
+
+    def start(self) -> None:
+        self._timer.start()
+        # Sessions for users with prompts left from before a restart: their links carry events.
+        for record in self.store.unfinished():
+            self.registry.ensure_link(self.registry.session_for(record.user_id))
+        self.kick()
+
+    def stop(self) -> None:
+        self._timer.stop()
+
+    def _breaker_changed(self, old: BreakerState, new: BreakerState) -> None:
+        if new is BreakerState.CLOSED:
+            for session in self.registry.all():
+                if session.link is not None:
+                    session.link.wake()
+            self.kick()
+
+    # --- submit ---------------------------------------------------------------------------------
+    async def submit(self, session: Session, msg: SubmitPrompt) -> None:
+        now = self.clock()
+        wait = session.bucket.take(now)
+        if wait:
+            self.metrics.prompts.labels("rate_limited").inc()
+            raise ProtocolError(ErrorCode.RATE_LIMITED, details={"retry_after": round(wait, 3)})
+        prompt_id = msg.prompt_id or str(uuid.uuid4())
+        if self.store.get(prompt_id) is not None:
+            # Never reveal whose it is; never let a client attach to another user's prompt.
+            raise ProtocolError(ErrorCode.INVALID_MESSAGE, "prompt_id is already in use", prompt_id=prompt_id)
+        if self.store.queued_count(session.user_id) >= self.settings.max_queued_prompts_per_user:
+            self.metrics.prompts.labels("queue_full").inc()
+            raise ProtocolError(ErrorCode.QUEUE_FULL, prompt_id=prompt_id)
+        payload = {"prompt": msg.prompt, "extra_data": msg.extra_data,
+                   "partial_execution_targets": msg.partial_execution_targets, "front": msg.front}
+        record = PromptRecord(prompt_id, session.user_id, PromptState.QUEUED, payload,
+                              backend=session.backend.name)
+        link = session.link
+        direct = (session.backend.available and self.store.queued_count(session.user_id) == 0
+                  and link is not None and link.ready.is_set())
+        if not direct:
+            self.store.add(record)
+            self._announce_queued(session, record)
+            self.kick()
+            return
+        record.state = PromptState.SUBMITTING
+        self.store.add(record)
+        log.info("prompt submit user=%s prompt=%s nodes=%d", session.user_id, prompt_id, len(msg.prompt))
+        await self._post(session, record)
+
+    def _announce_queued(self, session: Session, record: PromptRecord) -> None:
+        self.metrics.prompts.labels("queued").inc()
+        self.metrics.queued_prompts.set(sum(self.store.queue_sizes().values()))
+        log.info("prompt queued user=%s prompt=%s", record.user_id, record.prompt_id)
+        session.send("prompt_accepted", {"prompt_id": record.prompt_id, "number": None, "node_errors": {},
+                                         "queued": True})
+
+    async def _post(self, session: Session, record: PromptRecord, *, resubmitted: bool = False) -> bool:
+        """POST one prompt. True when ComfyUI answered (accepted or rejected), False when it
+        is unavailable (the prompt is back in the queue)."""
+        payload = record.payload or {}
+        body = {"prompt": payload.get("prompt"), "client_id": session.client_id, "prompt_id": record.prompt_id}
+        for key in ("extra_data", "partial_execution_targets"):
+            if payload.get(key) is not None:
+                body[key] = payload[key]
+        if payload.get("front"):
+            body["front"] = True
+        was_queued_before = record.attempts > 0 or record.outcome_unknown or resubmitted
+        record.attempts += 1
+        session.hold(record.prompt_id)
+        started = self.clock()
+        try:
+            result = await session.backend.submit_prompt(body)
+        except ComfyRejected as e:
+            self.metrics.comfy_duration.labels(session.backend.name, "rejected").observe(self.clock() - started)
+            self._rejected(session, record, e)
+            session.release(record.prompt_id)
+            return True
+        except ComfyUnavailable as e:
+            self.metrics.comfy_duration.labels(session.backend.name, "unavailable").observe(self.clock() - started)
+            session.held.pop(record.prompt_id, None)
+            if record.state == PromptState.SUBMITTING:
+                self.store.update(record, PromptState.QUEUED,
+                                  outcome_unknown=record.outcome_unknown or e.outcome_unknown)
+                if not was_queued_before:
+                    self._announce_queued(session, record)
+            log.warning("prompt POST failed user=%s prompt=%s reason=%s outcome_unknown=%s",
+                        record.user_id, record.prompt_id, e.reason, e.outcome_unknown)
+            return False
+        self.metrics.comfy_duration.labels(session.backend.name, "ok").observe(self.clock() - started)
+        number = result.get("number")
+        if record.state == PromptState.SUBMITTING:  # events may already have moved it on
+            self.store.update(record, PromptState.PENDING, number=number, outcome_unknown=False)
+        else:
+            record.number = number
+        self.metrics.prompts.labels("accepted").inc()
+        data = {"prompt_id": record.prompt_id, "number": number, "node_errors": result.get("node_errors", {}),
+                "queued": False}
+        if resubmitted:
+            data["resubmitted"] = True
+            self.metrics.prompts.labels("resubmitted").inc()
+        log.info("prompt accepted user=%s prompt=%s number=%s resubmitted=%s", record.user_id, record.prompt_id,
+                 number, resubmitted)
+        session.send("prompt_accepted", data)
+        session.release(record.prompt_id)
+        return True
+
+    def _rejected(self, session: Session, record: PromptRecord, e: ComfyRejected) -> None:
+        self.store.update(record, PromptState.REJECTED)
+        self.metrics.prompts.labels("rejected").inc()
+        body = e.body if isinstance(e.body, dict) else {}
+        error = body.get("error")
+        message = "ComfyUI rejected the prompt"
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            message = error["message"]
+        elif e.status != 400:
+            message = f"ComfyUI rejected the prompt (HTTP {e.status})"
+        data = {"code": ErrorCode.INVALID_PROMPT, "message": message, "prompt_id": record.prompt_id,
+                "status": e.status, "error": error, "node_errors": body.get("node_errors", {})}
+        log.info("prompt rejected user=%s prompt=%s status=%s", record.user_id, record.prompt_id, e.status)
+        session.send("error", data)
+
+    # --- the queue ------------------------------------------------------------------------------
+    def kick(self) -> None:
+        """Drain the queues soon. Cheap; coalesces while a drain runs."""
+        if self._draining is not None:
+            self._drain_again = True
+            return
+        if not self.store.users_with_queued():
+            return
+        self._draining = asyncio.ensure_future(self._drain())
+        self._draining.add_done_callback(self._drained)
+
+    def _drained(self, future: asyncio.Future) -> None:
+        self._draining = None
+        if not future.cancelled() and future.exception() is not None:
+            log.error("queue drain failed", exc_info=future.exception())
+        if self._drain_again:
+            self._drain_again = False
+            self.kick()
+
+    async def _drain(self) -> None:
+        """Round-robin across users, one prompt each per round, per-user FIFO."""
+        while True:
+            users = self.store.users_with_queued()
+            if not users:
+                return
+            start = self._rr % len(users)
+            self._rr += 1
+            progressed = False
+            for user_id in users[start:] + users[:start]:
+                record = self.store.queue_head(user_id)
+                if record is None:
+                    continue
+                backend = self.pool.get(record.backend)
+                if not backend.available:
+                    return
+                session = self.registry.session_for(user_id)
+                link = self.registry.ensure_link(session)
+                if not link.ready.is_set():
+                    continue  # its link is (re)connecting; link_up kicks again
+                if record.outcome_unknown:
+                    where = await self._locate(backend, record.prompt_id)
+                    if where is None:
+                        return  # ComfyUI went away again
+                    if where != "absent":
+                        await self._adopt(session, record, where)
+                        progressed = True
+                        continue
+                    record.outcome_unknown = False
+                resubmitted = record.attempts > 0
+                self.store.update(record, PromptState.SUBMITTING)
+                if not await self._post(session, record, resubmitted=resubmitted):
+                    return
+                progressed = True
+            self.metrics.queued_prompts.set(sum(self.store.queue_sizes().values()))
+            if not progressed:
+                return
+
+    # --- reconcile ------------------------------------------------------------------------------
+    async def _locate(self, backend: Backend, prompt_id: str) -> str | None:
+        """Where ComfyUI has this prompt: 'history', 'running', 'pending' or 'absent';
+        None when ComfyUI cannot be asked."""
+        try:
+            history = await backend.history(prompt_id)
+            if prompt_id in history:
+                return "history"
+            queue = await backend.queue()
+        except (ComfyUnavailable, ComfyRejected):
+            return None
+        if prompt_id in _ids(queue.get("queue_running")):
+            return "running"
+        if prompt_id in _ids(queue.get("queue_pending")):
+            return "pending"
+        # Between the two calls it may have finished: look once more.
+        try:
+            history = await backend.history(prompt_id)
+        except (ComfyUnavailable, ComfyRejected):
+            return None
+        return "history" if prompt_id in history else "absent"
+
+    async def _adopt(self, session: Session, record: PromptRecord, where: str) -> None:
+        """ComfyUI has the prompt after all: take its state, never resubmit."""
+        if where == "history":
+            await self._deliver_history(session, record)
+            return
+        state = PromptState.RUNNING if where == "running" else PromptState.PENDING
+        self.store.update(record, state, outcome_unknown=False)
+        session.send("prompt_accepted", {"prompt_id": record.prompt_id, "number": record.number,
+                                         "node_errors": {}, "queued": False, "reconciled": True})
+
+    async def reconcile(self, session: Session) -> None:
+        """After an upstream reconnect: what happened to this user's prompts while we were away?"""
+        records = [r for r in self.store.unfinished(session.user_id) if r.state in PromptState.IN_COMFY]
+        for record in records:
+            backend = self.pool.get(record.backend)
+            where = await self._locate(backend, record.prompt_id)
+            if where is None or record.finished:
+                continue
+            if where == "history":
+                await self._deliver_history(session, record)
+            elif where == "absent":
+                # ComfyUI restarted and forgot it: it goes again, with the same id.
+                log.warning("prompt lost by ComfyUI, requeued user=%s prompt=%s", record.user_id, record.prompt_id)
+                self.store.update(record, PromptState.QUEUED, outcome_unknown=False)
+            elif where == "running" and record.state != PromptState.RUNNING:
+                self.store.update(record, PromptState.RUNNING)
+        self.kick()
+
+    async def _deliver_history(self, session: Session, record: PromptRecord) -> None:
+        """Send the owner what it missed: the outputs and the final outcome, from history."""
+        try:
+            entry = (await self.pool.get(record.backend).history(record.prompt_id)).get(record.prompt_id)
+        except (ComfyUnavailable, ComfyRejected):
+            return
+        if not isinstance(entry, dict) or record.finished:
+            return
+        prompt_id = record.prompt_id
+        outputs = entry.get("outputs") or {}
+        for node_id, output in outputs.items():
+            session.forward_json("executed", json.dumps(
+                {"type": "executed", "data": {"node": node_id, "display_node": node_id, "output": output,
+                                              "prompt_id": prompt_id}, "replayed": True}))
+        status = entry.get("status") or {}
+        final_kind, final_data = None, None
+        for item in status.get("messages") or []:
+            if isinstance(item, list) and len(item) == 2 and item[0] in FINAL_EVENTS:
+                final_kind, final_data = item
+        if final_kind is None:
+            final_kind = "execution_success" if status.get("status_str") == "success" else "execution_error"
+            final_data = {"prompt_id": prompt_id}
+        session.forward_json(final_kind, json.dumps({"type": final_kind, "data": final_data, "replayed": True}))
+        self._finish(session, record, _FINAL_STATE[final_kind])
+        session.forward_json("executing", json.dumps(
+            {"type": "executing", "data": {"node": None, "prompt_id": prompt_id}, "replayed": True}))
+
+    def on_link_up(self, session: Session, reconnected: bool) -> None:
+        if reconnected:
+            asyncio.ensure_future(self.reconcile(session))
+        else:
+            self.kick()
+
+    # --- events from ComfyUI ---------------------------------------------------------------------
+    def on_event(self, session: Session, kind: str, data: dict, prompt_id: str | None) -> None:
+        record = self.store.get(prompt_id) if prompt_id else None
+        if record is None or record.finished:
+            return
+        if kind == "execution_start" and record.state != PromptState.RUNNING:
+            self.store.update(record, PromptState.RUNNING, outcome_unknown=False)
+            log.info("prompt running user=%s prompt=%s", record.user_id, record.prompt_id)
+        elif kind in _FINAL_STATE:
+            self._finish(session, record, _FINAL_STATE[kind])
+
+    def _finish(self, session: Session, record: PromptRecord, state: str) -> None:
+        self.store.update(record, state, outcome_unknown=False)
+        self.metrics.prompts.labels(state).inc()
+        log.info("prompt finished user=%s prompt=%s outcome=%s", record.user_id, record.prompt_id, state)
+        if not session.connections:
+            asyncio.get_running_loop().call_soon(self.registry.maybe_release_link, session)
+
+    # --- cancel ---------------------------------------------------------------------------------
+    async def cancel(self, session: Session, msg: Cancel) -> None:
+        record = self.store.get(msg.prompt_id)
+        if record is None or record.user_id != session.user_id:
+            # The same answer whether it does not exist or is someone else's.
+            raise ProtocolError(ErrorCode.NOT_FOUND, prompt_id=msg.prompt_id)
+        if record.finished:
+            raise ProtocolError(ErrorCode.INVALID_MESSAGE, f"Prompt already {record.state}",
+                                prompt_id=record.prompt_id)
+        backend = self.pool.get(record.backend)
+        if record.state == PromptState.QUEUED:
+            self.store.update(record, PromptState.CANCELLED)
+            self._cancelled(session, record)
+            return
+        try:
+            if record.state == PromptState.RUNNING:
+                await backend.interrupt(record.prompt_id)  # never a global interrupt
+                return  # execution_interrupted follows from ComfyUI
+            await backend.delete_queued(record.prompt_id)
+            where = await self._locate(backend, record.prompt_id)
+            if where == "running":
+                await backend.interrupt(record.prompt_id)
+                return
+        except (ComfyUnavailable, ComfyRejected):
+            raise ProtocolError(ErrorCode.COMFY_UNAVAILABLE, prompt_id=record.prompt_id) from None
+        if where == "absent" and not record.finished:
+            self.store.update(record, PromptState.CANCELLED)
+            self._cancelled(session, record)
+
+    def _cancelled(self, session: Session, record: PromptRecord) -> None:
+        self.metrics.prompts.labels("cancelled").inc()
+        log.info("prompt cancelled user=%s prompt=%s", record.user_id, record.prompt_id)
+        session.send("prompt_cancelled", {"prompt_id": record.prompt_id})
+
+
+def _ids(items) -> set[str]:
+    """Prompt ids of /queue items ([number, prompt_id, prompt, extra_data, outputs])."""
+    ids = set()
+    for item in items or []:
+        if isinstance(item, list) and len(item) > 1 and isinstance(item[1], str):
+            ids.add(item[1])
+    return ids

@@ -1,0 +1,109 @@
+"""All Prometheus metrics in one place, on a registry of their own (several proxies can live
+in one process, e.g. in tests), plus the JSON snapshot served at /metrics.
+
+Names: namespace ``comfy_ws_proxy_``, counters end in ``_total``, durations are
+``_seconds`` histograms, label values are bounded (no user ids, no prompt ids).
+"""
+from __future__ import annotations
+
+import gc
+import resource
+import sys
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+NS = "comfy_ws_proxy"
+
+DIRECTIONS = ("to_client", "to_comfy")
+TYPE_CLASSES = ("status", "progress", "execution", "output", "preview", "text", "control", "error", "other")
+PROMPT_OUTCOMES = ("accepted", "queued", "rejected", "rate_limited", "queue_full", "success", "error",
+                   "interrupted", "cancelled", "resubmitted")
+AUTH_REASONS = ("missing_token", "malformed", "alg_not_allowed", "unknown_kid", "bad_signature", "expired",
+                "not_yet_valid", "bad_issuer", "bad_audience", "missing_claim", "invalid", "timeout",
+                "origin", "too_many_connections_ip")
+BREAKER_STATES = ("closed", "half_open", "open")
+
+_EVENT_CLASS = {
+    "status": "status", "progress": "progress", "progress_state": "progress",
+    "execution_start": "execution", "execution_cached": "execution", "executing": "execution",
+    "execution_success": "execution", "execution_error": "execution", "execution_interrupted": "execution",
+    "executed": "output",
+}
+
+
+def type_class(kind: str) -> str:
+    return _EVENT_CLASS.get(kind, "other")
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.started = time.monotonic()
+        self.sessions = Gauge(f"{NS}_sessions", "Sessions held (connected or not)", registry=r)
+        self.connections = Gauge(f"{NS}_connections", "Client WebSocket connections open", registry=r)
+        self.upstream_connections = Gauge(f"{NS}_upstream_connections", "Upstream sockets to ComfyUI open",
+                                          registry=r)
+        self.messages = Counter(f"{NS}_messages_total", "Messages relayed", ["direction", "type_class"],
+                                registry=r)
+        self.bytes = Counter(f"{NS}_bytes_total", "Bytes relayed", ["direction", "type_class"], registry=r)
+        self.prompts = Counter(f"{NS}_prompts_total", "Prompts by outcome", ["outcome"], registry=r)
+        self.queued_prompts = Gauge(f"{NS}_queued_prompts", "Prompts waiting in the proxy queue", registry=r)
+        self.breaker_state = Gauge(f"{NS}_breaker_state", "Breaker state (1 for the current state)",
+                                   ["backend", "state"], registry=r)
+        self.breaker_transitions = Counter(f"{NS}_breaker_transitions_total", "Breaker state changes",
+                                           ["backend", "to"], registry=r)
+        self.upstream_reconnects = Counter(f"{NS}_upstream_reconnects_total", "Upstream sockets re-established",
+                                           registry=r)
+        self.jwks_fetches = Counter(f"{NS}_jwks_fetches_total", "JWKS fetches", ["outcome"], registry=r)
+        self.auth_failures = Counter(f"{NS}_auth_failures_total", "Refused upgrades", ["reason"], registry=r)
+        self.client_errors = Counter(f"{NS}_client_errors_total", "error messages sent to clients", ["code"],
+                                     registry=r)
+        self.slow_consumers = Counter(f"{NS}_slow_consumer_closes_total",
+                                      "Clients closed because they stopped reading", registry=r)
+        self.http_duration = Histogram(f"{NS}_http_request_duration_seconds", "HTTP request durations",
+                                       ["handler", "method", "code"], registry=r)
+        self.comfy_duration = Histogram(f"{NS}_comfy_request_duration_seconds", "Calls to ComfyUI",
+                                        ["backend", "outcome"], registry=r)
+        self.loop_lag = Histogram(f"{NS}_event_loop_lag_seconds", "IOLoop scheduling lag",
+                                  buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+                                  registry=r)
+        self.uptime = Gauge(f"{NS}_uptime_seconds", "Seconds since start", registry=r)
+        self.uptime.set_function(lambda: time.monotonic() - self.started)
+        # Create the bounded label values up front so dashboards see zeros, not gaps.
+        for d in DIRECTIONS:
+            for c in TYPE_CLASSES:
+                self.messages.labels(d, c)
+                self.bytes.labels(d, c)
+        for o in PROMPT_OUTCOMES:
+            self.prompts.labels(o)
+        for reason in AUTH_REASONS:
+            self.auth_failures.labels(reason)
+        for outcome in ("ok", "error"):
+            self.jwks_fetches.labels(outcome)
+
+    def relayed(self, direction: str, kind_class: str, size: int) -> None:
+        self.messages.labels(direction, kind_class).inc()
+        self.bytes.labels(direction, kind_class).inc(size)
+
+    def set_breaker(self, backend: str, state: str) -> None:
+        for s in BREAKER_STATES:
+            self.breaker_state.labels(backend, s).set(1 if s == state else 0)
+
+    def exposition(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def memory_usage() -> dict:
+    """RSS from /proc (current) or getrusage (peak), plus the Python-level figures."""
+    rss = None
+    try:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"rss": rss if rss is not None else peak, "max_rss": peak,
+            "python_allocated_blocks": sys.getallocatedblocks(),
+            "gc_counts": list(gc.get_count())}

@@ -1,0 +1,213 @@
+"""ComfyLink: one user's upstream WebSocket to one ComfyUI backend.
+
+It connects (``ws://comfy/ws?clientId=<the session's own id>``), reads without ever
+stopping (a stalled reader would stall ComfyUI's single event bus for everyone),
+reconnects with capped, jittered back-off, and routes each frame:
+
+- JSON messages with a ``prompt_id`` go on only if this user owns that prompt;
+- ``status`` (queue length) goes on, minus the connect-time ``sid`` (our client id is private);
+- binary type 4 previews carry their prompt id in a JSON header: routed by it;
+- binary type 1 previews, type 3 text and unknown types carry no prompt id: ComfyUI sends
+  type 3 to every socket, so they go on only while one of this user's prompts is running,
+  as seen on this very socket (the event bus is one FIFO, so per-socket order is global order);
+- anything that cannot be attributed is dropped, never sent to the wrong user.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from typing import Protocol
+
+from tornado.httpclient import HTTPRequest
+from tornado.websocket import WebSocketClientConnection, websocket_connect
+
+from .backend import Backend
+from .protocol import BINARY_PREVIEW_WITH_METADATA, binary_event_type, preview_metadata
+
+log = logging.getLogger(__name__)
+
+FINAL_EVENTS = frozenset({"execution_success", "execution_error", "execution_interrupted"})
+
+
+class LinkSink(Protocol):
+    """What a ComfyLink delivers to (the user's Session)."""
+
+    def owns(self, prompt_id: str) -> bool: ...
+    def upstream_event(self, kind: str, data: dict, text: str) -> None: ...
+    def upstream_status(self, text: str) -> None: ...
+    def upstream_binary(self, frame: bytes, prompt_id: str) -> None: ...
+    def link_up(self, reconnected: bool) -> None: ...
+    def link_down(self) -> None: ...
+
+
+def backoff_delay(attempt: int, minimum: float, maximum: float, rng=random.random) -> float:
+    """Capped exponential back-off with full jitter in the upper half: [d/2, d]."""
+    delay = min(maximum, minimum * (2 ** min(attempt, 30)))
+    return delay / 2 + rng() * delay / 2
+
+
+class ComfyLink:
+    def __init__(self, backend: Backend, client_id: str, sink: LinkSink, *, max_message_size: int,
+                 ping_interval: float, reconnect_min: float, reconnect_max: float,
+                 preview_metadata: bool = True, metrics=None):
+        self.backend = backend
+        self.client_id = client_id
+        self.sink = sink
+        self.max_message_size = max_message_size
+        self.ping_interval = ping_interval or None
+        self.reconnect_min = reconnect_min
+        self.reconnect_max = reconnect_max
+        self.preview_metadata = preview_metadata
+        self.metrics = metrics
+        self.running: str | None = None  # this user's prompt that ComfyUI is executing now
+        self.ready = asyncio.Event()  # set once ComfyUI has registered the socket
+        self.connections = 0  # successful connects; > 1 means reconnects happened
+        self._conn: WebSocketClientConnection | None = None
+        self._task: asyncio.Task | None = None
+        self._wake = asyncio.Event()
+        self._closing = False
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._run())
+
+    async def wait_ready(self, timeout: float) -> bool:
+        if self.ready.is_set():
+            return True
+        try:
+            await asyncio.wait_for(asyncio.shield(self.ready.wait()), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    def wake(self) -> None:
+        """Skip the rest of the back-off (e.g. the breaker just closed)."""
+        self._wake.set()
+
+    async def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+        conn = self._conn
+        if conn is not None:
+            conn.close(1000, "proxy closing")
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        self._task = None
+        self.ready.clear()
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
+    # --- the loop --------------------------------------------------------------------------
+    async def _run(self) -> None:
+        attempt = 0
+        while not self._closing:
+            try:
+                conn = await self._connect()
+            except Exception as e:  # refused, timeout, HTTP error on upgrade
+                log.info("upstream connect failed for client %s: %s", self.client_id[:8], e)
+                attempt += 1
+                await self._pause(backoff_delay(attempt, self.reconnect_min, self.reconnect_max))
+                continue
+            attempt = 0
+            try:
+                await self._read_loop(conn)
+            finally:
+                was_ready = self.ready.is_set()
+                self.ready.clear()
+                self._conn = None
+                conn.close()  # make sure the old socket is gone before a reconnect reuses the id
+                if was_ready:
+                    self.sink.link_down()
+            if not self._closing:
+                attempt += 1
+                await self._pause(backoff_delay(attempt, self.reconnect_min, self.reconnect_max))
+
+    async def _pause(self, delay: float) -> None:
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), delay)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _connect(self) -> WebSocketClientConnection:
+        # Our own request: no Origin (a loopback ComfyUI answers a foreign Origin with 403).
+        request = HTTPRequest(self.backend.ws_url(self.client_id), connect_timeout=self.backend.connect_timeout,
+                              request_timeout=self.backend.connect_timeout)
+        conn = await websocket_connect(request, max_message_size=self.max_message_size,
+                                       ping_interval=self.ping_interval,
+                                       ping_timeout=self.ping_interval * 2 if self.ping_interval else None)
+        self._conn = conn
+        if self.preview_metadata:
+            # Must be the socket's first message: type-4 previews then carry their prompt id.
+            await conn.write_message(json.dumps({"type": "feature_flags",
+                                                 "data": {"supports_preview_metadata": True}}))
+        return conn
+
+    async def _read_loop(self, conn: WebSocketClientConnection) -> None:
+        while True:
+            message = await conn.read_message()
+            if message is None:
+                return
+            try:
+                self.route(message)
+            except Exception:  # a bug in routing one frame must not kill the link
+                log.exception("failed to route an upstream frame")
+
+    # --- routing ---------------------------------------------------------------------------
+    def route(self, message: str | bytes) -> None:
+        if isinstance(message, bytes):
+            self._route_binary(message)
+            return
+        try:
+            parsed = json.loads(message)
+            kind = parsed["type"]
+            data = parsed.get("data")
+        except (ValueError, KeyError, TypeError):
+            return  # not ComfyUI's JSON shape: cannot be attributed
+        if not isinstance(data, dict):
+            data = {}
+        if kind == "status":
+            if "sid" in data:
+                self._registered()
+            else:
+                self.sink.upstream_status(message)
+            return
+        if kind == "feature_flags":
+            return
+        prompt_id = data.get("prompt_id")
+        if prompt_id is None and kind == "executing" and self.running is not None:
+            prompt_id = self.running  # the reconnect replay: executing {node} without prompt_id
+        if not isinstance(prompt_id, str) or not self.sink.owns(prompt_id):
+            return
+        if kind == "execution_start":
+            self.running = prompt_id
+        elif kind == "executing" and data.get("node") is None and "node" in data:
+            if self.running == prompt_id:
+                self.running = None
+        self.sink.upstream_event(kind, data, message)
+
+    def _route_binary(self, frame: bytes) -> None:
+        if binary_event_type(frame) == BINARY_PREVIEW_WITH_METADATA:
+            meta = preview_metadata(frame)
+            prompt_id = meta.get("prompt_id") if meta else None
+            if isinstance(prompt_id, str) and self.sink.owns(prompt_id):
+                self.sink.upstream_binary(frame, prompt_id)
+            return
+        running = self.running
+        if running is not None and self.sink.owns(running):
+            self.sink.upstream_binary(frame, running)
+
+    def _registered(self) -> None:
+        self.connections += 1
+        self.ready.set()
+        self.sink.link_up(reconnected=self.connections > 1)

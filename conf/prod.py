@@ -1,0 +1,19 @@
+# Production settings (a tornado.options-style Python file: name = value).
+# Precedence: command line > environment > this file > defaults. Secrets belong in the
+# environment (METRICS_SECRET), not here. Unknown names stop the proxy with exit status 2.
+host = "127.0.0.1"            # nginx in front: see conf/nginx.conf
+port = 8190
+trust_forwarded = True        # X-Forwarded-For / X-Real-IP from nginx
+comfy_url = "http://127.0.0.1:8188"
+store_path = "/var/lib/comfy-ws-proxy/comfy_ws_proxy.sqlite3"
+jwt_jwks_url = ""             # e.g. "https://auth.example.com/.well-known/jwks.json" (or set JWT_JWKS_URL)
+jwt_issuers = ["https://auth.example.com/"]
+jwt_audiences = ["comfy"]
+jwt_alg_allowlist = ["EdDSA"]
+allowed_origins = ["https://app.example.com"]
+max_connections_per_user = 1
+max_queued_prompts_per_user = 100
+session_timeout_ms = 1800000
+cleanup_interval_ms = 300000
+ws_ping_interval_s = 25.0     # below nginx proxy_read_timeout (60s in conf/nginx.conf)
+log_json = True

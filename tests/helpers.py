@@ -1,0 +1,237 @@
+"""Test harness: the simulator and the proxy in-process on ephemeral ports, and clients.
+
+pytest-tornasync runs only async tests (no async fixtures), so the harness is an async
+context manager used inside each test::
+
+    async with ProxyHarness() as h:
+        alice = await h.connect("alice")
+        msg = await alice.next("session")
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import tempfile
+from typing import Any, Callable
+
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
+from tornado.websocket import websocket_connect
+
+from comfy_ws_proxy.app import make_app
+from comfy_ws_proxy.config import settings_for_tests
+from comfy_ws_proxy.testing.tokens import DevKey
+
+WORKFLOWS = os.path.join(os.path.dirname(__file__), "..", "comfy_ws_proxy", "testing", "workflows")
+TIMEOUT = 15
+
+
+def workflow(name: str) -> dict:
+    with open(os.path.join(WORKFLOWS, name + ".json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+class FakeClock:
+    """An injected monotonic clock that tests move by hand."""
+
+    def __init__(self, start: float = 1000.0):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Client:
+    """A test client of the proxy: reads in the background, lets tests await messages."""
+
+    def __init__(self, conn, user: str):
+        self.conn = conn
+        self.user = user
+        self.received: list[Any] = []  # JSON dicts and binary frames, in order
+        self.closed = asyncio.get_running_loop().create_future()
+        self._cursor = 0
+        self._changed = asyncio.Event()
+        self._task = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        while True:
+            msg = await self.conn.read_message()
+            if msg is None:
+                if not self.closed.done():
+                    self.closed.set_result((self.conn.close_code, self.conn.close_reason))
+                self._changed.set()
+                return
+            self.received.append(json.loads(msg) if isinstance(msg, str) else msg)
+            self._changed.set()
+
+    def send(self, kind: str, data: Any = None) -> None:
+        self.conn.write_message(json.dumps({"type": kind, "data": data if data is not None else {}}))
+
+    def send_raw(self, payload, binary: bool = False):
+        return self.conn.write_message(payload, binary=binary)
+
+    async def next(self, kind: str | None = None, where: Callable[[Any], bool] | None = None,
+                   timeout: float = TIMEOUT) -> Any:
+        """The next message (after the previous match) of this type / matching ``where``."""
+        async def find():
+            while True:
+                while self._cursor < len(self.received):
+                    item = self.received[self._cursor]
+                    self._cursor += 1
+                    if kind == "binary":
+                        if isinstance(item, bytes) and (where is None or where(item)):
+                            return item
+                        continue
+                    if isinstance(item, dict) and (kind is None or item.get("type") == kind) \
+                            and (where is None or where(item)):
+                        return item
+                if self.closed.done():
+                    raise AssertionError(f"{self.user}: closed {self.closed.result()} while waiting for {kind}")
+                self._changed.clear()
+                await self._changed.wait()
+        return await asyncio.wait_for(find(), timeout)
+
+    def json_messages(self) -> list[dict]:
+        return [m for m in self.received if isinstance(m, dict)]
+
+    def binary_frames(self) -> list[bytes]:
+        return [m for m in self.received if isinstance(m, bytes)]
+
+    async def submit(self, prompt: dict, **data) -> dict:
+        self.send("submit_prompt", {"prompt": prompt, **data})
+        return await self.next(where=lambda m: m.get("type") in ("prompt_accepted", "error"))
+
+    async def run(self, prompt: dict, **data) -> tuple[str, str]:
+        """Submit and wait for the final outcome: (prompt_id, final event type)."""
+        accepted = await self.submit(prompt, **data)
+        assert accepted["type"] == "prompt_accepted", accepted
+        prompt_id = accepted["data"]["prompt_id"]
+        final = await self.next(where=lambda m: m.get("type") in ("execution_success", "execution_error",
+                                                                   "execution_interrupted")
+                                and m["data"].get("prompt_id") == prompt_id)
+        return prompt_id, final["type"]
+
+    async def close(self) -> None:
+        self.conn.close()
+        try:
+            await asyncio.wait_for(asyncio.shield(self.closed), TIMEOUT)
+        except asyncio.TimeoutError:
+            pass
+        self._task.cancel()
+        try:
+            await self._task
+        except (asyncio.CancelledError, Exception):
+            pass
+
+
+class ProxyHarness:
+    def __init__(self, *, simulator: bool = True, clock=None, sim_kwargs: dict | None = None, **overrides):
+        self.overrides = overrides
+        self.use_simulator = simulator
+        self.sim_kwargs = sim_kwargs or {}
+        self.clock = clock
+        self.key = DevKey.generate()
+        self.clients: list[Client] = []
+        self.sim = None
+
+    async def __aenter__(self) -> "ProxyHarness":
+        self._tmp = tempfile.TemporaryDirectory()
+        jwks_path = os.path.join(self._tmp.name, "jwks.json")
+        with open(jwks_path, "w") as f:
+            json.dump(self.key.jwks(), f)
+        comfy_url = "http://127.0.0.1:%d" % free_port()
+        if self.use_simulator:
+            from comfy_ws_proxy.testing.comfyui import ComfySimulator
+
+            self.sim = ComfySimulator(**self.sim_kwargs)
+            await self.sim.start()
+            comfy_url = self.sim.url
+        values = {"comfy_url": comfy_url, "jwt_key_file": jwks_path, "upstream_reconnect_min_ms": 20,
+                  "upstream_reconnect_max_ms": 200, "breaker_open_ms": 50, "breaker_max_open_ms": 400,
+                  "comfy_connect_timeout_ms": 2000, "comfy_request_timeout_ms": 5000, "submit_burst": 1000,
+                  "submit_rate_per_s": 1000.0}
+        values.update(self.overrides)
+        self.settings = settings_for_tests(**values)
+        kwargs = {"clock": self.clock} if self.clock is not None else {}
+        self.app, self.state = make_app(self.settings, **kwargs)
+        sockets = bind_sockets(0, "127.0.0.1")
+        self.port = sockets[0].getsockname()[1]
+        self.server = HTTPServer(self.app, xheaders=self.settings.trust_forwarded)
+        self.server.add_sockets(sockets)
+        self.state.start()
+        self.http = AsyncHTTPClient(force_instance=True)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        for client in self.clients:
+            await client.close()
+        self.server.stop()
+        await self.state.stop(grace=0)
+        await self.server.close_all_connections()
+        self.http.close()
+        if self.sim is not None:
+            await self.sim.stop()
+        self._tmp.cleanup()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def token(self, user: str, **kwargs) -> str:
+        return self.key.token(user, **kwargs)
+
+    async def connect(self, user: str = "alice", *, token: str | None = None, via: str = "header",
+                      headers: dict | None = None, session_message: bool = True) -> Client:
+        token = self.token(user) if token is None else token
+        request_headers = dict(headers or {})
+        subprotocols = None
+        url = f"ws://127.0.0.1:{self.port}/ws"
+        if via == "header":
+            request_headers["Authorization"] = f"Bearer {token}"
+        elif via == "subprotocol":
+            subprotocols = ["comfy-ws-proxy.v1", "bearer." + token]
+        elif via == "query":
+            url += "?token=" + token
+        request = HTTPRequest(url, headers=request_headers)
+        conn = await asyncio.wait_for(websocket_connect(request, subprotocols=subprotocols), TIMEOUT)
+        client = Client(conn, user)
+        self.clients.append(client)
+        if session_message:
+            await client.next("session")
+        return client
+
+    async def refused(self, token: str | None, *, via: str = "header", headers: dict | None = None
+                      ) -> tuple[int, dict]:
+        """Try an upgrade that must fail: returns (HTTP status, JSON body)."""
+        request_headers = dict(headers or {})
+        subprotocols = None
+        url = f"ws://127.0.0.1:{self.port}/ws"
+        if token is not None and via == "header":
+            request_headers["Authorization"] = f"Bearer {token}"
+        elif token is not None and via == "subprotocol":
+            subprotocols = ["comfy-ws-proxy.v1", "bearer." + token]
+        elif token is not None and via == "query":
+            url += "?token=" + token
+        try:
+            conn = await asyncio.wait_for(websocket_connect(HTTPRequest(url, headers=request_headers),
+                                                            subprotocols=subprotocols), TIMEOUT)
+        except HTTPClientError as e:
+            body = json.loads(e.response.body) if e.response is not None and e.response.body else {}
+            return e.code, body
+        conn.close()
+        raise AssertionError("the upgrade was accepted")
+
+    async def get(self, path: str, headers: dict | None = None):
+        return await self.http.fetch(self.url + path, headers=headers, raise_error=False)
