@@ -1,0 +1,70 @@
+"""Session lifecycle: expiry as a pure function, cleanup with a fake clock, resume buffers."""
+from comfy_ws_proxy.session import TokenBucket, session_expired
+
+from .helpers import FakeClock, ProxyHarness, workflow
+
+
+def test_expiry_is_a_pure_function_of_now():
+    base = dict(last_activity=100.0, timeout=1800.0, connections=0, unfinished_prompts=0)
+    assert not session_expired(now=1899.9, **base)
+    assert session_expired(now=1900.0, **base)
+    assert not session_expired(now=10_000, **dict(base, connections=1))
+    assert not session_expired(now=10_000, **dict(base, unfinished_prompts=1))
+
+
+def test_token_bucket_refills_at_its_rate():
+    bucket = TokenBucket(rate=2.0, burst=3, now=0.0)
+    assert [bucket.take(0.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert bucket.take(0.0) == 0.5        # retry after half a second
+    assert bucket.take(0.5) == 0.0
+    assert bucket.take(0.5) > 0
+
+
+async def test_cleanup_removes_expired_sessions_and_their_upstream_sockets(io_loop):
+    clock = FakeClock()
+    async with ProxyHarness(clock=clock, session_timeout_ms=60_000) as h:
+        alice = await h.connect("alice")
+        bob = await h.connect("bob")
+        await alice.run(workflow("success"))
+        assert set(h.state.registry.sessions) == {"alice", "bob"}
+        await alice.close()
+        clock.advance(59)
+        assert h.state.registry.cleanup() == []          # not yet
+        clock.advance(2)
+        gone = h.state.registry.cleanup()
+        assert [s.user_id for s in gone] == ["alice"]    # bob is still connected
+        assert set(h.state.registry.sessions) == {"bob"}
+        assert bob.received[0]["type"] == "session"
+
+
+async def test_resume_replays_missed_messages_and_reports_gaps(io_loop):
+    async with ProxyHarness(max_connections_per_user=2, resume_buffer_size=500) as h:
+        alice = await h.connect("alice")
+        session_id = alice.received[0]["data"]["session_id"]
+        prompt_id, _ = await alice.run(workflow("success"))
+        first_seq = alice.received[1]["seq"]
+        seen = [m["seq"] for m in alice.json_messages()]
+        await alice.close()
+        again = await h.connect("alice")
+        assert again.received[0]["data"]["session_id"] == session_id
+        again.send("resume", {"session_id": session_id, "last_seq": first_seq})
+        state = await again.next("prompts_state")
+        replayed = [m for m in again.json_messages() if m["seq"] > first_seq and m["type"] != "prompts_state"
+                    and m["type"] != "session"]
+        assert [m["seq"] for m in replayed] == [s for s in seen if s > first_seq]
+        assert any(p["prompt_id"] == prompt_id and p["state"] == "success" for p in state["data"]["prompts"])
+        # Someone else's or an unknown session id: a gap notice, nothing replayed.
+        again.send("resume", {"session_id": "not-mine", "last_seq": 0})
+        gap = await again.next("resume_gap")
+        assert gap["data"]["reason"] == "unknown_session"
+
+
+async def test_resume_gap_when_the_buffer_no_longer_reaches_back(io_loop):
+    async with ProxyHarness(resume_buffer_size=5) as h:
+        alice = await h.connect("alice")
+        session_id = alice.received[0]["data"]["session_id"]
+        await alice.run(workflow("success"))
+        alice.send("resume", {"session_id": session_id, "last_seq": 1})
+        gap = await alice.next("resume_gap")
+        assert gap["data"]["reason"] == "buffer_exceeded"
+        await alice.next("prompts_state")
