@@ -21,7 +21,8 @@ from .dispatch import PromptService
 from .metrics import Metrics
 from .session import SessionRegistry
 from .store import Store
-from .web import HealthHandler, LiveHandler, MetricsHandler, PrometheusHandler, ReadyHandler, snapshot
+from .web import (DemoHandler, DemoWorkflowHandler, HealthHandler, LiveHandler, MetricsHandler, OutputsHandler,
+                  PrometheusHandler, ReadyHandler, snapshot)
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("comfy_ws_proxy.access")
@@ -158,7 +159,11 @@ def routes(state: ProxyState, prefix: str = "") -> list:
         (prefix + r"/ready", ReadyHandler, kw),
         (prefix + r"/metrics", MetricsHandler, kw),
         (prefix + r"/metrics/prometheus", PrometheusHandler, kw),
-    ]
+        (prefix + r"/outputs/([0-9a-f-]{36})(?:/(view))?", OutputsHandler, kw),
+    ] + ([
+        (prefix + r"/demo", DemoHandler, kw),
+        (prefix + r"/demo/workflows/([a-z0-9-]+)\.json", DemoWorkflowHandler, kw),
+    ] if state.settings.demo_page else [])
 
 
 def application_settings(settings) -> dict:

@@ -302,7 +302,8 @@ class PromptService:
             {"type": "executing", "data": {"node": None, "prompt_id": prompt_id}, "replayed": True}))
 
     def on_link_up(self, session: Session, reconnected: bool) -> None:
-        if reconnected:
+        # After a reconnect, or a proxy restart, events of prompts in ComfyUI may have been missed.
+        if any(r.state in PromptState.IN_COMFY for r in self.store.unfinished(session.user_id)):
             asyncio.ensure_future(self.reconcile(session))
         else:
             self.kick()

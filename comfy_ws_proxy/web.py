@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hmac
+import os
 import json
 import time
 
@@ -130,3 +131,111 @@ def snapshot(state, detailed: bool) -> dict:
     if detailed:
         data["sessions"] = [s.describe(now) for s in sessions]
     return data
+
+
+class OutputsHandler(JsonHandler):
+    """GET /outputs/{prompt_id}: the caller's own prompt's output files (from ComfyUI's history);
+    GET /outputs/{prompt_id}/view?filename=&subfolder=&type=: one of those files, streamed.
+
+    ComfyUI's /view has no ownership check and predictable names (PROTOCOL.md 5): the proxy
+    serves only files listed in the history of a prompt the caller owns.
+    """
+
+    async def prepare(self):
+        from .auth import AuthError, extract_token
+
+        token, _ = extract_token(self.request.headers, "", allow_query=False)
+        try:
+            self.identity = await self.app_state.verifier.verify(token)
+        except AuthError as e:
+            self.app_state.metrics.auth_failures.labels(e.reason).inc()
+            self.write_json({"error": {"code": "unauthorized", "message": e.message}}, 401)
+
+    async def _owned_outputs(self, prompt_id: str) -> list[dict] | None:
+        from .backend import ComfyRejected, ComfyUnavailable
+
+        record = self.app_state.store.get(prompt_id)
+        if record is None or record.user_id != self.identity.user_id:
+            self.write_json({"error": {"code": "not_found", "message": "No such prompt"}}, 404)
+            return None
+        try:
+            history = await self.app_state.pool.get(record.backend).history(prompt_id)
+        except (ComfyUnavailable, ComfyRejected):
+            self.write_json({"error": {"code": "comfy_unavailable",
+                                       "message": "ComfyUI is temporarily unavailable"}}, 503)
+            return None
+        files = []
+        for node_id, output in ((history.get(prompt_id) or {}).get("outputs") or {}).items():
+            for kind, items in (output or {}).items():
+                for item in items if isinstance(items, list) else []:
+                    if isinstance(item, dict) and isinstance(item.get("filename"), str):
+                        files.append({"node": node_id, "kind": kind, "filename": item["filename"],
+                                      "subfolder": item.get("subfolder", ""), "type": item.get("type", "output")})
+        return files
+
+    async def get(self, prompt_id: str, view: str | None = None):
+        files = await self._owned_outputs(prompt_id)
+        if files is None:
+            return
+        if not view:
+            return self.write_json({"prompt_id": prompt_id, "files": files})
+        wanted = (self.get_query_argument("filename", ""), self.get_query_argument("subfolder", ""),
+                  self.get_query_argument("type", "output"))
+        if wanted not in {(f["filename"], f["subfolder"], f["type"]) for f in files}:
+            return self.write_json({"error": {"code": "not_found", "message": "No such output"}}, 404)
+        await self._stream_view(*wanted)
+
+    async def _stream_view(self, filename: str, subfolder: str, kind: str) -> None:
+        from urllib.parse import urlencode
+
+        from tornado.httpclient import HTTPRequest
+
+        backend = self.app_state.pool.default
+        url = f"{backend.base_url}/view?" + urlencode({"filename": filename, "subfolder": subfolder, "type": kind})
+        self.clear_header("Content-Type")
+        started = {"done": False}
+
+        def on_headers(line):
+            if not started["done"] and line.startswith("Content-Type:"):
+                self.set_header("Content-Type", line.split(":", 1)[1].strip())
+
+        def on_chunk(chunk: bytes) -> None:
+            started["done"] = True
+            self.write(chunk)
+            self.flush()
+
+        response = await backend.http.fetch(HTTPRequest(url, streaming_callback=on_chunk, header_callback=on_headers,
+                                                        request_timeout=backend.request_timeout),
+                                            raise_error=False)
+        if response.code != 200 and not started["done"]:
+            self.set_header("Content-Type", "application/json")
+            return self.write_json({"error": {"code": "not_found", "message": "Output not available"}}, 404)
+        self.set_header("X-Content-Type-Options", "nosniff")
+        self.finish()
+
+
+STATIC_DIR = os.path.join(os.path.dirname(__file__), "static")
+WORKFLOW_DIR = os.path.join(os.path.dirname(__file__), "testing", "workflows")
+
+
+class DemoHandler(JsonHandler):
+    """GET /demo: a small page to try the proxy from a browser (DEMO_PAGE=true)."""
+
+    def get(self):
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.set_header("Content-Security-Policy",
+                        "default-src 'self'; img-src 'self' blob: data:; style-src 'self' 'unsafe-inline'; "
+                        "script-src 'self' 'unsafe-inline'; connect-src 'self' ws: wss:")
+        with open(os.path.join(STATIC_DIR, "demo.html"), "rb") as f:
+            self.finish(f.read())
+
+
+class DemoWorkflowHandler(JsonHandler):
+    """GET /demo/workflows/NAME.json: the sample workflows shipped with the package."""
+
+    def get(self, name: str):
+        path = os.path.join(WORKFLOW_DIR, name + ".json")
+        if not os.path.isfile(path):
+            return self.write_json({"error": {"code": "not_found", "message": "No such workflow"}}, 404)
+        with open(path, "rb") as f:
+            self.finish(f.read())
