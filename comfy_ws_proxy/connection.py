@@ -37,7 +37,8 @@ class ClientConnection(WebSocketHandler):
         self.identity: Identity | None = None
         self.session = None
         self.ip = "unknown"
-        self.pending_bytes = 0
+        self.pending_bytes = 0  # written but not yet flushed to the socket
+        self.large_bytes = 0  # of which: the one frame larger than the budget, if any
         self.closing = False
         self._expiry_handle = None
 
@@ -188,9 +189,11 @@ class ClientConnection(WebSocketHandler):
         if self.closing or self.ws_connection is None:
             return
         size = len(payload)
-        # The client already owes more than its budget: it has stopped reading. (Checked
-        # before adding, so one large preview frame still goes to a client that keeps up.)
-        if self.pending_bytes > self.settings_.max_outbound_buffer_bytes:
+        budget = self.settings_.max_outbound_buffer_bytes
+        large = size > budget
+        # A client owing more than its budget has stopped reading. One frame larger than the
+        # budget (a full-size preview) may be in flight on top of it, but not two.
+        if self.pending_bytes - self.large_bytes > budget or (large and self.large_bytes):
             self.metrics.slow_consumers.inc()
             log.warning("closing a client that stopped reading user=%s pending=%d",
                         self.identity.user_id if self.identity else "?", self.pending_bytes)
@@ -202,11 +205,15 @@ class ClientConnection(WebSocketHandler):
         except WebSocketClosedError:
             return
         self.pending_bytes += size
-        future.add_done_callback(lambda f, n=size: self._written(f, n))
+        if large:
+            self.large_bytes += size
+        future.add_done_callback(lambda f, n=size, big=large: self._written(f, n, big))
         self.metrics.relayed("to_client", kind_class, size)
 
-    def _written(self, future, size: int) -> None:
+    def _written(self, future, size: int, large: bool) -> None:
         self.pending_bytes -= size
+        if large:
+            self.large_bytes -= size
         if not future.cancelled():
             future.exception()  # a closed stream: on_close handles it; mark the error as seen
 

@@ -161,7 +161,9 @@ async def test_two_users_never_see_each_others_events_previews_or_text(io_loop):
         bob = await h.connect("bob")
         a1, _ = await alice.run(workflow("success"))        # GetImageSize sends a broadcast TEXT frame
         a2, _ = await alice.run(workflow("success-ws"))     # SaveImageWebsocket sends previews
-        b1, _ = await bob.run(workflow("success-ws"))
+        bobs = workflow("success-ws")
+        bobs["1"]["inputs"]["color"] = 1234  # not the same prompt: ComfyUI would serve it from cache
+        b1, _ = await bob.run(bobs)
         alice_ids = {a1, a2}
         for m in bob.json_messages():
             assert m["data"].get("prompt_id") not in alice_ids, m
