@@ -102,7 +102,8 @@ OPTIONS: tuple[Option, ...] = (
          "Unsent bytes a client may owe before it is closed as too slow.", minimum=64 * KIB),
     _opt("ws_ping_interval_s", "float", 25.0,
          "Ping clients this often (keep below nginx proxy_read_timeout).", minimum=0),
-    _opt("ws_ping_timeout_s", "float", 60.0, "Close a client that has not answered pings.", minimum=0),
+    _opt("ws_ping_timeout_s", "float", 20.0,
+         "Close a client that has not answered a ping within this time (<= ws_ping_interval_s).", minimum=0),
     _opt("handshake_timeout_ms", "int", 10000, "Time allowed for the upgrade and JWT checks.",
          minimum=1),
     # --- auth -------------------------------------------------------------------------------
@@ -329,6 +330,8 @@ def validate(s: "Settings") -> None:
         raise ConfigError("JWT_ALG_ALLOWLIST: must name at least one algorithm")
     if s.upstream_reconnect_max_ms < s.upstream_reconnect_min_ms:
         raise ConfigError("UPSTREAM_RECONNECT_MAX_MS: must be >= UPSTREAM_RECONNECT_MIN_MS")
+    if s.ws_ping_interval_s and s.ws_ping_timeout_s > s.ws_ping_interval_s:
+        raise ConfigError("WS_PING_TIMEOUT_S: must be <= WS_PING_INTERVAL_S")
     if s.breaker_max_open_ms < s.breaker_open_ms:
         raise ConfigError("BREAKER_MAX_OPEN_MS: must be >= BREAKER_OPEN_MS")
 

@@ -108,12 +108,15 @@ class ClientConnection(WebSocketHandler):
         if identity.expires_at is not None:
             delay = max(0.0, identity.expires_at - time.time())
             self._expiry_handle = asyncio.get_running_loop().call_later(delay, self._token_expired)
-        session.send("session", {"session_id": session.session_id, "user_id": identity.user_id,
-                                 "resumed": False}, only=self)
         # Wait for the upstream socket (Tornado reads no client frame before open() returns),
         # but not for long: when ComfyUI is down the client is accepted and told so.
         link = session.link
-        if link is not None and not await link.wait_ready(self.prompts.ready_timeout):
+        ready = link is None or await link.wait_ready(self.prompts.ready_timeout)
+        if self.ws_connection is None or self.session is None:
+            return  # the client left while we waited
+        session.send("session", {"session_id": session.session_id, "user_id": identity.user_id,
+                                 "resumed": False}, only=self)
+        if not ready:
             session.send("error", {"code": ErrorCode.COMFY_UNAVAILABLE,
                                    "message": "ComfyUI is temporarily unavailable",
                                    "details": {"prompts": "will be queued"}}, only=self)

@@ -41,8 +41,9 @@ class PromptService:
         self.clock = clock
         self._draining: asyncio.Future | None = None
         self._drain_again = False
-        self._rr = 0  # round-robin start, for fairness across users
         self._timer = PeriodicCallback(self.kick, 1000)  # safety net; kicks come from events
+        self._tasks: set[asyncio.Future] = set()  # reconciliations in flight
+        self._stopped = False
         self.ready_timeout = settings.comfy_connect_timeout_ms / 1000
         for backend in pool:
             backend.add_breaker_listener(self._breaker_changed)
@@ -56,6 +57,10 @@ class PromptService:
 
     def stop(self) -> None:
         self._timer.stop()
+        self._stopped = True
+        for task in [self._draining, *self._tasks]:
+            if task is not None and not task.done():
+                task.cancel()
 
     def _breaker_changed(self, old: BreakerState, new: BreakerState) -> None:
         if new is BreakerState.CLOSED:
@@ -75,7 +80,7 @@ class PromptService:
         if self.store.get(prompt_id) is not None:
             # Never reveal whose it is; never let a client attach to another user's prompt.
             raise ProtocolError(ErrorCode.INVALID_MESSAGE, "prompt_id is already in use", prompt_id=prompt_id)
-        if self.store.queued_count(session.user_id) >= self.settings.max_queued_prompts_per_user:
+        if self.store.waiting_count(session.user_id) >= self.settings.max_queued_prompts_per_user:
             self.metrics.prompts.labels("queue_full").inc()
             raise ProtocolError(ErrorCode.QUEUE_FULL, prompt_id=prompt_id)
         payload = {"prompt": msg.prompt, "extra_data": msg.extra_data,
@@ -93,7 +98,7 @@ class PromptService:
         record.state = PromptState.SUBMITTING
         self.store.add(record)
         log.info("prompt submit user=%s prompt=%s nodes=%d", session.user_id, prompt_id, len(msg.prompt))
-        await self._post(session, record)
+        await self._post(session, record, announced=False)
 
     def _announce_queued(self, session: Session, record: PromptRecord) -> None:
         self.metrics.prompts.labels("queued").inc()
@@ -102,9 +107,10 @@ class PromptService:
         session.send("prompt_accepted", {"prompt_id": record.prompt_id, "number": None, "node_errors": {},
                                          "queued": True})
 
-    async def _post(self, session: Session, record: PromptRecord, *, resubmitted: bool = False) -> bool:
+    async def _post(self, session: Session, record: PromptRecord, *, announced: bool = True,
+                    resubmitted: bool = False) -> bool:
         """POST one prompt. True when ComfyUI answered (accepted or rejected), False when it
-        is unavailable (the prompt is back in the queue)."""
+        is unavailable (the prompt is back in the queue; its owner is told once)."""
         payload = record.payload or {}
         body = {"prompt": payload.get("prompt"), "client_id": session.client_id, "prompt_id": record.prompt_id}
         for key in ("extra_data", "partial_execution_targets"):
@@ -112,7 +118,6 @@ class PromptService:
                 body[key] = payload[key]
         if payload.get("front"):
             body["front"] = True
-        was_queued_before = record.attempts > 0 or record.outcome_unknown or resubmitted
         record.attempts += 1
         session.hold(record.prompt_id)
         started = self.clock()
@@ -125,12 +130,16 @@ class PromptService:
             return True
         except ComfyUnavailable as e:
             self.metrics.comfy_duration.labels(session.backend.name, "unavailable").observe(self.clock() - started)
-            session.held.pop(record.prompt_id, None)
             if record.state == PromptState.SUBMITTING:
                 self.store.update(record, PromptState.QUEUED,
                                   outcome_unknown=record.outcome_unknown or e.outcome_unknown)
-                if not was_queued_before:
+                if not announced:
                     self._announce_queued(session, record)
+            else:
+                # Its events arrived while the POST hung: ComfyUI has it, whatever the POST says.
+                session.send("prompt_accepted", {"prompt_id": record.prompt_id, "number": record.number,
+                                                 "node_errors": {}, "queued": False, "reconciled": True})
+            session.release(record.prompt_id)
             log.warning("prompt POST failed user=%s prompt=%s reason=%s outcome_unknown=%s",
                         record.user_id, record.prompt_id, e.reason, e.outcome_unknown)
             return False
@@ -170,6 +179,8 @@ class PromptService:
     # --- the queue ------------------------------------------------------------------------------
     def kick(self) -> None:
         """Drain the queues soon. Cheap; coalesces while a drain runs."""
+        if self._stopped:
+            return
         if self._draining is not None:
             self._drain_again = True
             return
@@ -192,10 +203,9 @@ class PromptService:
             users = self.store.users_with_queued()
             if not users:
                 return
-            start = self._rr % len(users)
-            self._rr += 1
             progressed = False
-            for user_id in users[start:] + users[:start]:
+            await self._links_up(users)
+            for user_id in users:
                 record = self.store.queue_head(user_id)
                 if record is None:
                     continue
@@ -216,6 +226,7 @@ class PromptService:
                         continue
                     record.outcome_unknown = False
                 resubmitted = record.attempts > 0
+                self.store.rotate(user_id)  # served: to the back of the round-robin
                 self.store.update(record, PromptState.SUBMITTING)
                 if not await self._post(session, record, resubmitted=resubmitted):
                     return
@@ -223,6 +234,20 @@ class PromptService:
             self.metrics.queued_prompts.set(sum(self.store.queue_sizes().values()))
             if not progressed:
                 return
+
+    async def _links_up(self, users: list[str]) -> None:
+        """Give the round's users a moment to get their upstream sockets back, so a user whose
+        link reconnects a little later is not skipped (fairness), without waiting for long."""
+        waits = []
+        for user_id in users:
+            link = self.registry.ensure_link(self.registry.session_for(user_id))
+            if not link.ready.is_set():
+                link.wake()
+                waits.append(asyncio.ensure_future(link.ready.wait()))
+        if waits:
+            await asyncio.wait(waits, timeout=min(1.0, self.ready_timeout))
+            for w in waits:
+                w.cancel()
 
     # --- reconcile ------------------------------------------------------------------------------
     async def _locate(self, backend: Backend, prompt_id: str) -> str | None:
@@ -304,7 +329,9 @@ class PromptService:
     def on_link_up(self, session: Session, reconnected: bool) -> None:
         # After a reconnect, or a proxy restart, events of prompts in ComfyUI may have been missed.
         if any(r.state in PromptState.IN_COMFY for r in self.store.unfinished(session.user_id)):
-            asyncio.ensure_future(self.reconcile(session))
+            task = asyncio.ensure_future(self.reconcile(session))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         else:
             self.kick()
 

@@ -88,6 +88,7 @@ class Store:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(_SCHEMA)
         self.records: dict[str, PromptRecord] = {}
+        self.by_user: dict[str, dict[str, PromptRecord]] = {}
         self.queues: dict[str, OrderedDict[str, PromptRecord]] = {}
         self._next_order = 1
         self._load()
@@ -100,6 +101,7 @@ class Store:
             record = PromptRecord(prompt_id, user_id, state, json.loads(payload) if payload else None,
                                   created, updated, order, number, attempts, bool(unknown), backend)
             self.records[prompt_id] = record
+            self.by_user.setdefault(user_id, {})[prompt_id] = record
             if state == PromptState.SUBMITTING:
                 # The proxy died mid-POST: ComfyUI may or may not have it. Reconcile first.
                 record.state = PromptState.QUEUED
@@ -127,15 +129,25 @@ class Store:
             return None
         return next(iter(queue.values()))
 
+    def rotate(self, user_id: str) -> None:
+        """Move a user to the back of the round-robin order (queues keep insertion order)."""
+        if user_id in self.queues:
+            self.queues[user_id] = self.queues.pop(user_id)
+
     def users_with_queued(self) -> list[str]:
         return [user for user, queue in self.queues.items() if queue]
 
     def unfinished(self, user_id: str | None = None) -> list[PromptRecord]:
-        return [r for r in self.records.values()
-                if not r.finished and (user_id is None or r.user_id == user_id)]
+        records = self.records.values() if user_id is None else self.by_user.get(user_id, {}).values()
+        return [r for r in records if not r.finished]
+
+    def waiting_count(self, user_id: str) -> int:
+        """Prompts of this user held by the proxy: queued, or taken from the queue for a POST."""
+        return sum(1 for r in self.by_user.get(user_id, {}).values()
+                   if r.state in (PromptState.QUEUED, PromptState.SUBMITTING))
 
     def for_user(self, user_id: str) -> Iterable[PromptRecord]:
-        return (r for r in self.records.values() if r.user_id == user_id)
+        return list(self.by_user.get(user_id, {}).values())
 
     def queue_sizes(self) -> dict[str, int]:
         return {user: len(queue) for user, queue in self.queues.items() if queue}
@@ -147,6 +159,7 @@ class Store:
         record.order = self._next_order
         self._next_order += 1
         self.records[record.prompt_id] = record
+        self.by_user.setdefault(record.user_id, {})[record.prompt_id] = record
         if record.state == PromptState.QUEUED:
             self.queues.setdefault(record.user_id, OrderedDict())[record.prompt_id] = record
         self._write(record)
@@ -178,7 +191,12 @@ class Store:
         """Drop finished records last changed before ``older_than`` (epoch seconds)."""
         gone = [pid for pid, r in self.records.items() if r.finished and r.updated_at < older_than]
         for pid in gone:
-            del self.records[pid]
+            record = self.records.pop(pid)
+            mine = self.by_user.get(record.user_id)
+            if mine is not None:
+                mine.pop(pid, None)
+                if not mine:
+                    del self.by_user[record.user_id]
         if gone:
             self.db.execute("DELETE FROM prompts WHERE updated_at < ? AND state NOT IN (?, ?, ?, ?)",
                             (older_than, *sorted(PromptState.UNFINISHED)))

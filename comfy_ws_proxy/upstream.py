@@ -63,6 +63,7 @@ class ComfyLink:
         self.metrics = metrics
         self.running: str | None = None  # this user's prompt that ComfyUI is executing now
         self.ready = asyncio.Event()  # set once ComfyUI has registered the socket
+        self.settled = asyncio.Event()  # set once the first attempt registered or failed
         self.connections = 0  # successful connects; > 1 means reconnects happened
         self._conn: WebSocketClientConnection | None = None
         self._task: asyncio.Task | None = None
@@ -75,13 +76,14 @@ class ComfyLink:
             self._task = asyncio.ensure_future(self._run())
 
     async def wait_ready(self, timeout: float) -> bool:
+        """Wait until the socket is registered, or the first attempt failed, or timeout."""
         if self.ready.is_set():
             return True
         try:
-            await asyncio.wait_for(asyncio.shield(self.ready.wait()), timeout)
-            return True
+            await asyncio.wait_for(asyncio.shield(self.settled.wait()), timeout)
         except asyncio.TimeoutError:
-            return False
+            pass
+        return self.ready.is_set()
 
     def wake(self) -> None:
         """Skip the rest of the back-off (e.g. the breaker just closed)."""
@@ -115,12 +117,15 @@ class ComfyLink:
                 conn = await self._connect()
             except Exception as e:  # refused, timeout, HTTP error on upgrade
                 log.info("upstream connect failed for client %s: %s", self.client_id[:8], e)
+                self.settled.set()
                 attempt += 1
                 await self._pause(backoff_delay(attempt, self.reconnect_min, self.reconnect_max))
                 continue
             attempt = 0
             try:
                 await self._read_loop(conn)
+            except Exception as e:  # a broken stream mid-read: reconnect like any drop
+                log.info("upstream read failed for client %s: %s", self.client_id[:8], e)
             finally:
                 was_ready = self.ready.is_set()
                 self.ready.clear()
@@ -145,7 +150,7 @@ class ComfyLink:
                               request_timeout=self.backend.connect_timeout)
         conn = await websocket_connect(request, max_message_size=self.max_message_size,
                                        ping_interval=self.ping_interval,
-                                       ping_timeout=self.ping_interval * 2 if self.ping_interval else None)
+                                       ping_timeout=self.ping_interval)
         self._conn = conn
         if self.preview_metadata:
             # Must be the socket's first message: type-4 previews then carry their prompt id.
@@ -210,4 +215,5 @@ class ComfyLink:
     def _registered(self) -> None:
         self.connections += 1
         self.ready.set()
+        self.settled.set()
         self.sink.link_up(reconnected=self.connections > 1)

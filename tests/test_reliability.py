@@ -15,13 +15,22 @@ def finals_for(client, prompt_id):
     return [m for m in client.json_messages() if m["type"] in FINALS and m["data"].get("prompt_id") == prompt_id]
 
 
-async def wait_until(predicate, event_source=None, timeout=TIMEOUT):
-    """Await a condition driven by the proxy's own events: re-check after each loop turn
-    in which something happened (a bounded number of turns, guarded by a timeout)."""
-    async def poll():
-        while not predicate():
-            await asyncio.sleep(0.01)  # yields to the loop; the timeout guard bounds it
-    await asyncio.wait_for(poll(), timeout)
+def breaker_reaches(backend, state: BreakerState) -> asyncio.Future:
+    """A future resolved when the backend's breaker moves to ``state``."""
+    future = asyncio.get_running_loop().create_future()
+
+    def listener(old, new):
+        if new is state and not future.done():
+            future.set_result(True)
+    backend.add_breaker_listener(listener)
+    return future
+
+
+async def accepted_by_comfy(client, prompt_ids):
+    for prompt_id in prompt_ids:
+        await client.next("prompt_accepted", lambda m, p=prompt_id: m["data"]["prompt_id"] == p
+                          and not m["data"]["queued"])
+        client._cursor = 0
 
 
 async def test_prompts_queue_while_comfyui_is_down_and_drain_in_order(io_loop):
@@ -39,8 +48,7 @@ async def test_prompts_queue_while_comfyui_is_down_and_drain_in_order(io_loop):
         await h.sim.come_up()
         for prompt_id in ids:
             await alice.next("execution_success", lambda m, p=prompt_id: m["data"]["prompt_id"] == p)
-        starts = [m["data"]["prompt_id"] for m in alice.json_messages() if m["type"] == "execution_start"]
-        assert starts == ids  # per-user FIFO
+        assert h.sim.started_order == ids  # per-user FIFO
         assert all(h.sim.execution_counts[p] == 1 for p in ids)
         # Each owner saw queued -> accepted by ComfyUI -> done.
         second = [m for m in alice.json_messages() if m["type"] == "prompt_accepted" and not m["data"]["queued"]]
@@ -50,13 +58,13 @@ async def test_prompts_queue_while_comfyui_is_down_and_drain_in_order(io_loop):
 async def test_breaker_opens_after_five_failures_and_queues_fail_fast(io_loop):
     async with ProxyHarness(breaker_open_ms=60_000, breaker_max_open_ms=60_000) as h:
         alice = await h.connect("alice")
-        h.sim.http_error_status = 500
-        for _ in range(5):
-            reply = await alice.submit(workflow("success"))
-            assert reply["data"]["queued"] is True
-            # the drain also retries: wait until the failure count settles
         backend = h.state.pool.default
-        await wait_until(lambda: backend.breaker.state is BreakerState.OPEN)
+        opened = breaker_reaches(backend, BreakerState.OPEN)
+        h.sim.http_error_status = 500
+        reply = await alice.submit(workflow("success"))
+        assert reply["data"]["queued"] is True
+        await asyncio.wait_for(opened, TIMEOUT)  # the drain's retries count too: 5 failures open it
+        assert backend.breaker.transitions[0] == (BreakerState.CLOSED, BreakerState.OPEN)
         requests_before = len(h.sim.requests)
         reply = await alice.submit(workflow("success"))
         assert reply["data"]["queued"] is True
@@ -68,13 +76,16 @@ async def test_fair_round_robin_across_users_when_comfyui_returns(io_loop):
         alice = await h.connect("alice")
         bob = await h.connect("bob")
         await h.sim.go_down()
-        for _ in range(3):
-            await alice.submit(workflow("success"))
-        for _ in range(3):
-            await bob.submit(workflow("success"))
+        ids = {"alice": [], "bob": []}
+        for client in (alice, bob):
+            for i in range(3):
+                prompt = workflow("success")
+                prompt["1"]["inputs"]["color"] = i
+                ids[client.user].append((await client.submit(prompt))["data"]["prompt_id"])
         h.sim.paused = True
         await h.sim.come_up()
-        await wait_until(lambda: h.state.store.queue_sizes() == {})
+        await accepted_by_comfy(alice, ids["alice"])
+        await accepted_by_comfy(bob, ids["bob"])
         owners = [h.state.store.owner(item[1]) for item in sorted(
             (await _queue(h))["queue_pending"], key=lambda item: item[0])]
         h.sim.paused = False
@@ -92,10 +103,12 @@ async def test_a_stalled_post_is_reconciled_not_resubmitted(io_loop):
     async with ProxyHarness(comfy_request_timeout_ms=300) as h:
         alice = await h.connect("alice")
         h.sim.stall_post_prompt = "after_enqueue"
+        h.sim.paused = True  # ComfyUI has it queued, but the POST's answer never comes
         reply = await alice.submit(workflow("success"))
         assert reply["data"]["queued"] is True  # outcome unknown: kept, not lost
         prompt_id = reply["data"]["prompt_id"]
         h.sim.stall_post_prompt = None
+        h.sim.paused = False
         await alice.next("execution_success", lambda m: m["data"]["prompt_id"] == prompt_id)
         await h.sim.wait_idle()
         assert h.sim.execution_counts[prompt_id] == 1

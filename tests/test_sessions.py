@@ -42,6 +42,7 @@ async def test_resume_replays_missed_messages_and_reports_gaps(io_loop):
         alice = await h.connect("alice")
         session_id = alice.received[0]["data"]["session_id"]
         prompt_id, _ = await alice.run(workflow("success"))
+        await alice.next("executing", lambda m: m["data"] == {"node": None, "prompt_id": prompt_id})
         first_seq = alice.received[1]["seq"]
         seen = [m["seq"] for m in alice.json_messages()]
         await alice.close()

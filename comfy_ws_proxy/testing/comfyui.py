@@ -237,6 +237,7 @@ class ComfySimulator:
         self.stall_post_prompt: str | None = None
         self.execution_counts: collections.Counter = collections.Counter()
         self.completed_counts: collections.Counter = collections.Counter()
+        self.started_order: list[str] = []  # prompt ids in the order their executions started
         self.requests: list[tuple[str, str]] = []
         self._last_headers: dict = {}
         self._server: HTTPServer | None = None
@@ -446,6 +447,7 @@ class ComfySimulator:
     async def _execute(self, item: QueueItem) -> None:
         prompt_id, prompt, cid = item.prompt_id, item.prompt, item.client_id
         self.execution_counts[prompt_id] += 1
+        self.started_order.append(prompt_id)
         self.current_client_id = cid
         self._interrupt = False
         messages: list = []
@@ -849,7 +851,8 @@ class SimSocket(WebSocketHandler):
     def abort(self) -> None:
         """Drop the TCP connection without a close frame (a network failure)."""
         self.sim.live.discard(self)
-        stream = self.request.connection.stream if self.request.connection else None
+        connection = self.ws_connection
+        stream = getattr(connection, "stream", None)
         if stream is not None and not stream.closed():
             stream.close()
         else:
