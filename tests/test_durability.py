@@ -114,6 +114,7 @@ async def test_sigterm_during_a_running_prompt_is_graceful_and_loses_nothing(io_
         assert notice["data"]["message"]
         code, _ = await asyncio.wait_for(alice.closed, TIMEOUT)
         assert code == 1001
+        await alice.close()
         assert await asyncio.wait_for(proxy.proc.wait(), TIMEOUT) == 0
         await proxy.drain_output()
         assert any("stopped" in line for line in proxy.lines)

@@ -253,6 +253,8 @@ class ComfySimulator:
         self._temp_prefix = "".join(random.choice(string.ascii_lowercase) for _ in range(5))
 
     def _reset_state(self) -> None:
+        # A restart is a new process: handlers of the old one must not touch the new state.
+        self.generation = getattr(self, "generation", 0) + 1
         self.sockets: dict[str, "SimSocket"] = {}  # clientId -> the socket events go to
         self.live: set["SimSocket"] = set()
         self.flags: dict[str, dict] = {}
@@ -650,8 +652,8 @@ class PromptHandler(SimHandler):
         if not isinstance(body, dict):
             return self.server_error()
         if sim.stall_post_prompt == "before_enqueue":
-            await self._stall()
-            return
+            await self._stall()  # the request "never arrived": not queued, no answer
+            return self._drop()
         if "number" in body:
             number = float(body["number"])
         else:
@@ -669,18 +671,19 @@ class PromptHandler(SimHandler):
             extra_data["client_id"] = body["client_id"]
         sim.put(QueueItem(number, prompt_id, prompt, extra_data, outputs))
         if sim.stall_post_prompt == "after_enqueue":
-            await self._stall()
-            return
-        self.json({"prompt_id": prompt_id, "number": number, "node_errors": node_errors})
+            await self._stall()  # queued; the answer comes only when released (if anyone still listens)
+        if not self.request.connection.stream.closed():
+            self.json({"prompt_id": prompt_id, "number": number, "node_errors": node_errors})
 
     async def _stall(self) -> None:
         future = asyncio.get_running_loop().create_future()
         self.sim._stalled.append(future)
         await future
-        if not self._finished and self.request.connection.stream is not None \
-                and not self.request.connection.stream.closed():
-            self.set_status(503)
-            self.finish("stalled")
+
+    def _drop(self) -> None:
+        stream = self.request.connection.stream
+        if not stream.closed():
+            stream.close()
 
 
 class QueueHandler(SimHandler):
@@ -820,13 +823,17 @@ class SimSocket(WebSocketHandler):
         else:
             sid = uuid.uuid4().hex
         self.sid = sid
+        self.generation = sim.generation
         sim.sockets[sid] = self
         sim.flags[sid] = {}
         sim.live.add(self)
-        self.write_message(json.dumps({"type": "status", "data": {
-            "status": {"exec_info": {"queue_remaining": sim.queue_remaining()}}, "sid": sid}}))
-        if sim.current_client_id == sid and sim.last_node_id is not None:
-            self.write_message(json.dumps({"type": "executing", "data": {"node": sim.last_node_id}}))
+        try:
+            self.write_message(json.dumps({"type": "status", "data": {
+                "status": {"exec_info": {"queue_remaining": sim.queue_remaining()}}, "sid": sid}}))
+            if sim.current_client_id == sid and sim.last_node_id is not None:
+                self.write_message(json.dumps({"type": "executing", "data": {"node": sim.last_node_id}}))
+        except WebSocketClosedError:
+            pass  # the client went away during the handshake
 
     def on_message(self, message):
         if isinstance(message, bytes) or not self.first_text:
@@ -844,6 +851,8 @@ class SimSocket(WebSocketHandler):
     def on_close(self):
         sim = self.sim
         sim.live.discard(self)
+        if getattr(self, "generation", None) != sim.generation:
+            return  # a socket of the process before a restart
         # ComfyUI's finally: pops the clientId even when a newer socket holds it (the eviction bug).
         sim.sockets.pop(self.sid, None)
         sim.flags.pop(self.sid, None)
