@@ -475,7 +475,7 @@ class ComfySimulator:
 
         if cached is not None:
             add_message("execution_cached", {"nodes": order, "prompt_id": prompt_id}, False)
-            for node_id, output in cached.items():
+            for node_id, output in sorted(cached.items(), key=lambda kv: (len(kv[0]), kv[0])):
                 outputs[node_id] = output
                 self.send_to_cid("executed", {"node": node_id, "display_node": node_id, "output": output,
                                               "prompt_id": prompt_id}, cid)
