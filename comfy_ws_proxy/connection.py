@@ -201,6 +201,10 @@ class ClientConnection(WebSocketHandler):
             log.warning("closing a client that stopped reading user=%s pending=%d",
                         self.identity.user_id if self.identity else "?", self.pending_bytes)
             self.closing = True
+            if self.session is not None:
+                # Out of the session now: the close handshake may take a while with a client
+                # that does not read, and it must not receive (or cost) anything meanwhile.
+                self.registry.detach(self, self.session, self.ip)
             self.close(CloseCode.SLOW_CONSUMER, "too slow: resume to catch up")
             return
         try:

@@ -113,14 +113,14 @@ class Client:
         self.send("submit_prompt", {"prompt": prompt, **data})
         return await self.next(where=lambda m: m.get("type") in ("prompt_accepted", "error"))
 
-    async def run(self, prompt: dict, **data) -> tuple[str, str]:
+    async def run(self, prompt: dict, timeout: float = TIMEOUT, **data) -> tuple[str, str]:
         """Submit and wait for the final outcome: (prompt_id, final event type)."""
         accepted = await self.submit(prompt, **data)
         assert accepted["type"] == "prompt_accepted", accepted
         prompt_id = accepted["data"]["prompt_id"]
         final = await self.next(where=lambda m: m.get("type") in ("execution_success", "execution_error",
                                                                    "execution_interrupted")
-                                and m["data"].get("prompt_id") == prompt_id)
+                                and m["data"].get("prompt_id") == prompt_id, timeout=timeout)
         return prompt_id, final["type"]
 
     async def close(self) -> None:
