@@ -69,6 +69,7 @@ class ComfyLink:
         self._task: asyncio.Task | None = None
         self._wake = asyncio.Event()
         self._closing = False
+        self.stopped = asyncio.Event()  # set once close() has finished
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -104,6 +105,7 @@ class ComfyLink:
                 pass
         self._task = None
         self.ready.clear()
+        self.stopped.set()
 
     @property
     def closed(self) -> bool:

@@ -1,4 +1,6 @@
 """Session lifecycle: expiry as a pure function, cleanup with a fake clock, resume buffers."""
+import asyncio
+
 from comfy_ws_proxy.session import TokenBucket, session_expired
 
 from .helpers import FakeClock, ProxyHarness, workflow
@@ -69,3 +71,35 @@ async def test_resume_gap_when_the_buffer_no_longer_reaches_back(io_loop):
         gap = await alice.next("resume_gap")
         assert gap["data"]["reason"] == "buffer_exceeded"
         await alice.next("prompts_state")
+
+
+async def test_idle_upstream_socket_is_closed_and_reopened_on_demand(io_loop):
+    async with ProxyHarness() as h:
+        alice = await h.connect("alice")
+        await alice.run(workflow("success"))
+        session = h.state.registry.sessions["alice"]
+        link = session.link
+        client_id = session.client_id
+        assert h.sim.ws_clients.get(client_id) == 1
+        await alice.close()
+        await asyncio.wait_for(link.stopped.wait(), 10)
+        assert session.link is None                       # nothing pending, nobody connected
+        assert "alice" in h.state.registry.sessions        # the session itself lives on (resume)
+        again = await h.connect("alice")
+        assert again.received[0]["data"]["session_id"] == session.session_id
+        assert session.link is not None and session.link.ready.is_set()
+        _, outcome = await again.run(workflow("success-ws"))
+        assert outcome == "execution_success"
+
+
+async def test_a_session_with_a_pending_prompt_is_not_expired(io_loop):
+    clock = FakeClock()
+    async with ProxyHarness(clock=clock, session_timeout_ms=1000) as h:
+        alice = await h.connect("alice")
+        h.sim.paused = True
+        await alice.submit(workflow("success"))
+        await alice.close()
+        clock.advance(3600)
+        assert h.state.registry.cleanup() == []
+        assert h.state.registry.sessions["alice"].link is not None  # kept for the pending prompt
+        h.sim.paused = False
