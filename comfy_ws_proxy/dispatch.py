@@ -41,10 +41,14 @@ class PromptService:
         self.clock = clock
         self._draining: asyncio.Future | None = None
         self._drain_again = False
-        self._timer = PeriodicCallback(self.kick, 1000)  # safety net; kicks come from events
+        # A safety net (kicks and reconciliations are event-driven): once a second, drain and
+        # retry the reconciliations that ComfyUI could not answer.
+        self._timer = PeriodicCallback(self._tick, 1000)
+        self.needs_reconcile: set[str] = set()  # users whose prompts' fate is still unknown
         self._tasks: set[asyncio.Future] = set()  # reconciliations in flight
         self._stopped = False
         self.ready_timeout = settings.comfy_connect_timeout_ms / 1000
+        self.deaf_after = 5.0  # seconds without the status broadcast that must follow a POST
         for backend in pool:
             backend.add_breaker_listener(self._breaker_changed)
 
@@ -61,6 +65,20 @@ class PromptService:
         for task in [self._draining, *self._tasks]:
             if task is not None and not task.done():
                 task.cancel()
+
+    def _tick(self) -> None:
+        for user_id in list(self.needs_reconcile):
+            session = self.registry.sessions.get(user_id)
+            if session is None or session.link is None or not session.link.ready.is_set():
+                continue
+            self.needs_reconcile.discard(user_id)
+            self._spawn(self.reconcile(session))
+        self.kick()
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _breaker_changed(self, old: BreakerState, new: BreakerState) -> None:
         if new is BreakerState.CLOSED:
@@ -121,6 +139,7 @@ class PromptService:
         record.attempts += 1
         session.hold(record.prompt_id)
         started = self.clock()
+        sent_at = asyncio.get_running_loop().time()  # the link's status times are loop times
         try:
             result = await session.backend.submit_prompt(body)
         except ComfyRejected as e:
@@ -159,7 +178,23 @@ class PromptService:
                  number, resubmitted)
         session.send("prompt_accepted", data)
         session.release(record.prompt_id)
+        self._expect_status(session, sent_at)
         return True
+
+    def _expect_status(self, session: Session, since: float) -> None:
+        """ComfyUI broadcasts a status to every socket when its queue changes. If our socket
+        saw none after an accepted POST, ComfyUI no longer routes to it (a reused client id
+        evicts silently, PROTOCOL.md 3.2): recycle the socket; the reconnect reconciles."""
+        link = session.link
+        if link is None:
+            return
+
+        def check() -> None:
+            if session.link is link and link.ready.is_set() and link.last_status_at < since:
+                log.warning("upstream socket is deaf (no status after a POST) user=%s: reconnecting",
+                            session.user_id)
+                link.recycle()
+        asyncio.get_running_loop().call_later(self.deaf_after, check)
 
     def _rejected(self, session: Session, record: PromptRecord, e: ComfyRejected) -> None:
         self.store.update(record, PromptState.REJECTED)
@@ -287,7 +322,10 @@ class PromptService:
         for record in records:
             backend = self.pool.get(record.backend)
             where = await self._locate(backend, record.prompt_id)
-            if where is None or record.finished:
+            if record.finished:
+                continue
+            if where is None:
+                self.needs_reconcile.add(session.user_id)  # ComfyUI could not say: ask again later
                 continue
             if where == "history":
                 await self._deliver_history(session, record)
@@ -304,6 +342,7 @@ class PromptService:
         try:
             entry = (await self.pool.get(record.backend).history(record.prompt_id)).get(record.prompt_id)
         except (ComfyUnavailable, ComfyRejected):
+            self.needs_reconcile.add(session.user_id)
             return
         if not isinstance(entry, dict) or record.finished:
             return
@@ -329,9 +368,7 @@ class PromptService:
     def on_link_up(self, session: Session, reconnected: bool) -> None:
         # After a reconnect, or a proxy restart, events of prompts in ComfyUI may have been missed.
         if any(r.state in PromptState.IN_COMFY for r in self.store.unfinished(session.user_id)):
-            task = asyncio.ensure_future(self.reconcile(session))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self.reconcile(session))
         else:
             self.kick()
 

@@ -70,6 +70,7 @@ class ComfyLink:
         self._wake = asyncio.Event()
         self._closing = False
         self.stopped = asyncio.Event()  # set once close() has finished
+        self.last_status_at = 0.0  # loop time of the last status broadcast received
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -106,6 +107,11 @@ class ComfyLink:
         self._task = None
         self.ready.clear()
         self.stopped.set()
+
+    def recycle(self) -> None:
+        """Drop the current socket; the loop reconnects (and the session reconciles)."""
+        if self._conn is not None:
+            self._conn.close(1000, "recycling")
 
     @property
     def closed(self) -> bool:
@@ -184,6 +190,7 @@ class ComfyLink:
         if not isinstance(data, dict):
             data = {}
         if kind == "status":
+            self.last_status_at = asyncio.get_running_loop().time()
             if "sid" in data:
                 self._registered()
             else:

@@ -229,8 +229,16 @@ async def test_chaos_every_prompt_runs_exactly_once_and_every_owner_hears(io_loo
         assert submitted == 200
         for client in users:
             for prompt_id in ids[client.user]:
-                await client.next(where=lambda m, p=prompt_id: m.get("type") in FINALS
-                                  and m["data"].get("prompt_id") == p, timeout=60)
+                try:
+                    await client.next(where=lambda m, p=prompt_id: m.get("type") in FINALS
+                                      and m["data"].get("prompt_id") == p, timeout=20)
+                except asyncio.TimeoutError:
+                    record = h.state.store.get(prompt_id)
+                    raise AssertionError(f"{client.user} never heard of {prompt_id}: proxy state "
+                                         f"{record.state if record else None}, executions "
+                                         f"{h.sim.execution_counts[prompt_id]}, completions "
+                                         f"{h.sim.completed_counts[prompt_id]}, in history "
+                                         f"{prompt_id in h.sim.history}") from None
                 client._cursor = 0  # prompts may finish out of submission order across faults
         await h.sim.wait_idle()
         all_ids = [p for user_ids in ids.values() for p in user_ids]
