@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import hmac
-import os
 import json
+import os
 import time
+from urllib.parse import urlencode
 
 import tornado.web
+from tornado.httpclient import HTTPRequest
 
+from .auth import AuthError, extract_token
+from .backend import ComfyRejected, ComfyUnavailable
 from .metrics import memory_usage
 
 
@@ -142,8 +146,6 @@ class OutputsHandler(JsonHandler):
     """
 
     async def prepare(self):
-        from .auth import AuthError, extract_token
-
         token, _ = extract_token(self.request.headers, "", allow_query=False)
         try:
             self.identity = await self.app_state.verifier.verify(token)
@@ -152,8 +154,6 @@ class OutputsHandler(JsonHandler):
             self.write_json({"error": {"code": "unauthorized", "message": e.message}}, 401)
 
     async def _owned_outputs(self, prompt_id: str) -> list[dict] | None:
-        from .backend import ComfyRejected, ComfyUnavailable
-
         record = self.app_state.store.get(prompt_id)
         if record is None or record.user_id != self.identity.user_id:
             self.write_json({"error": {"code": "not_found", "message": "No such prompt"}}, 404)
@@ -186,10 +186,6 @@ class OutputsHandler(JsonHandler):
         await self._stream_view(*wanted)
 
     async def _stream_view(self, filename: str, subfolder: str, kind: str) -> None:
-        from urllib.parse import urlencode
-
-        from tornado.httpclient import HTTPRequest
-
         backend = self.app_state.pool.default
         url = f"{backend.base_url}/view?" + urlencode({"filename": filename, "subfolder": subfolder, "type": kind})
         self.clear_header("Content-Type")

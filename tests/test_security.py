@@ -244,3 +244,24 @@ async def _fuzz(frames):
         await bystander.next("execution_success", lambda m: m["data"]["prompt_id"] == pending)
         victim.send("ping")
         await victim.next("pong")
+
+
+async def test_outputs_are_served_only_to_their_owner_and_only_listed_files(io_loop):
+    async with ProxyHarness() as h:
+        alice = await h.connect("alice")
+        prompt_id, _ = await alice.run(workflow("success"))
+        mine = {"Authorization": "Bearer " + h.token("alice")}
+        theirs = {"Authorization": "Bearer " + h.token("bob")}
+        listing = await h.get(f"/outputs/{prompt_id}", mine)
+        assert listing.code == 200
+        files = json.loads(listing.body)["files"]
+        assert {f["node"] for f in files} == {"6", "7"}
+        f = next(f for f in files if f["type"] == "output")
+        query = f"filename={f['filename']}&subfolder=&type=output"
+        image = await h.get(f"/outputs/{prompt_id}/view?{query}", mine)
+        assert image.code == 200 and image.body.startswith(b"\x89PNG")
+        assert (await h.get(f"/outputs/{prompt_id}", theirs)).code == 404          # not Bob's
+        assert (await h.get(f"/outputs/{prompt_id}/view?{query}", theirs)).code == 404
+        assert (await h.get(f"/outputs/{prompt_id}")).code == 401                 # no token
+        other = "filename=ComfyUI_00001_.png&subfolder=&type=output"               # a guessable name
+        assert (await h.get(f"/outputs/{prompt_id}/view?{other}", mine)).code == 404
