@@ -61,6 +61,7 @@ class Backend:
         self.clock = clock
         self.breaker = breaker or CircuitBreaker()
         self._breaker_listeners: list[Callable[[BreakerState, BreakerState], None]] = []
+        self.unreachable_listeners: list[Callable[[], None]] = []  # ComfyUI refused a connection
         self.breaker._on_change = self._breaker_changed
         if on_breaker_change is not None:
             self._breaker_listeners.append(on_breaker_change)
@@ -126,6 +127,9 @@ class Backend:
             # the request or a connection closed mid-way: it may have been processed.
             self._failed(count_failures)
             certain = isinstance(e, OSError) or "while connecting" in str(e)
+            if certain:
+                for listener in list(self.unreachable_listeners):
+                    listener()
             raise ComfyUnavailable(f"{type(e).__name__}: {e}", outcome_unknown=not certain) from None
         finally:
             self.inflight -= 1

@@ -51,6 +51,7 @@ class PromptService:
         self.deaf_after = 5.0  # seconds without the status broadcast that must follow a POST
         for backend in pool:
             backend.add_breaker_listener(self._breaker_changed)
+            backend.unreachable_listeners.append(lambda b=backend: self._backend_unreachable(b))
 
     def start(self) -> None:
         self._timer.start()
@@ -74,6 +75,13 @@ class PromptService:
             self.needs_reconcile.discard(user_id)
             self._spawn(self.reconcile(session))
         self.kick()
+
+    def _backend_unreachable(self, backend: Backend) -> None:
+        """ComfyUI refused a connection: its WebSockets are gone too, even if our side has not
+        noticed yet. Stop trusting them now, so no prompt is sent to a client id nobody hears."""
+        for session in self.registry.all():
+            if session.backend is backend and session.link is not None:
+                session.link.recycle()
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)

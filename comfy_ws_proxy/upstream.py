@@ -71,6 +71,7 @@ class ComfyLink:
         self._closing = False
         self.stopped = asyncio.Event()  # set once close() has finished
         self.last_status_at = 0.0  # loop time of the last status broadcast received
+        self._registered_now = False  # the current socket was registered (for link_down)
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -109,8 +110,10 @@ class ComfyLink:
         self.stopped.set()
 
     def recycle(self) -> None:
-        """Drop the current socket; the loop reconnects (and the session reconciles)."""
-        if self._conn is not None:
+        """Drop the current socket; the loop reconnects (and the session reconciles).
+        Not ready from now on: nothing is submitted on a socket we no longer trust."""
+        if self._conn is not None and self.ready.is_set():
+            self.ready.clear()
             self._conn.close(1000, "recycling")
 
     @property
@@ -135,11 +138,11 @@ class ComfyLink:
             except Exception as e:  # a broken stream mid-read: reconnect like any drop
                 log.info("upstream read failed for client %s: %s", self.client_id[:8], e)
             finally:
-                was_ready = self.ready.is_set()
                 self.ready.clear()
                 self._conn = None
                 conn.close()  # make sure the old socket is gone before a reconnect reuses the id
-                if was_ready:
+                if self._registered_now:
+                    self._registered_now = False
                     self.sink.link_down()
             if not self._closing:
                 attempt += 1
@@ -222,6 +225,7 @@ class ComfyLink:
             self.sink.upstream_binary(frame, running)
 
     def _registered(self) -> None:
+        self._registered_now = True
         self.connections += 1
         self.ready.set()
         self.settled.set()
