@@ -146,6 +146,13 @@ class PromptService:
             body["front"] = True
         record.attempts += 1
         session.hold(record.prompt_id)
+        try:
+            return await self._post_held(session, record, body, announced, resubmitted)
+        finally:
+            session.release(record.prompt_id)  # whatever happened, held events go out (after our reply)
+
+    async def _post_held(self, session: Session, record: PromptRecord, body: dict, announced: bool,
+                         resubmitted: bool) -> bool:
         started = self.clock()
         sent_at = asyncio.get_running_loop().time()  # the link's status times are loop times
         try:
@@ -153,7 +160,6 @@ class PromptService:
         except ComfyRejected as e:
             self.metrics.comfy_duration.labels(session.backend.name, "rejected").observe(self.clock() - started)
             self._rejected(session, record, e)
-            session.release(record.prompt_id)
             return True
         except ComfyUnavailable as e:
             self.metrics.comfy_duration.labels(session.backend.name, "unavailable").observe(self.clock() - started)
@@ -166,7 +172,6 @@ class PromptService:
                 # Its events arrived while the POST hung: ComfyUI has it, whatever the POST says.
                 session.send("prompt_accepted", {"prompt_id": record.prompt_id, "number": record.number,
                                                  "node_errors": {}, "queued": False, "reconciled": True})
-            session.release(record.prompt_id)
             log.warning("prompt POST failed user=%s prompt=%s reason=%s outcome_unknown=%s",
                         record.user_id, record.prompt_id, e.reason, e.outcome_unknown)
             return False
@@ -185,7 +190,6 @@ class PromptService:
         log.info("prompt accepted user=%s prompt=%s number=%s resubmitted=%s", record.user_id, record.prompt_id,
                  number, resubmitted)
         session.send("prompt_accepted", data)
-        session.release(record.prompt_id)
         self._expect_status(session, sent_at)
         return True
 
