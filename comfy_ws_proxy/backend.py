@@ -61,7 +61,8 @@ class Backend:
         self.clock = clock
         self.breaker = breaker or CircuitBreaker()
         self._breaker_listeners: list[Callable[[BreakerState, BreakerState], None]] = []
-        self.unreachable_listeners: list[Callable[[], None]] = []  # ComfyUI refused a connection
+        # Called with the loop time at which a request that ComfyUI refused was started.
+        self.unreachable_listeners: list[Callable[[float], None]] = []
         self.breaker._on_change = self._breaker_changed
         if on_breaker_change is not None:
             self._breaker_listeners.append(on_breaker_change)
@@ -118,6 +119,7 @@ class Backend:
             decompress_response=True)
         self.inflight += 1
         self._idle.clear()
+        started = asyncio.get_running_loop().time()
         try:
             response = await self.http.fetch(request, raise_error=False)
         except asyncio.CancelledError:
@@ -129,7 +131,7 @@ class Backend:
             certain = isinstance(e, OSError) or "while connecting" in str(e)
             if certain:
                 for listener in list(self.unreachable_listeners):
-                    listener()
+                    listener(started)
             raise ComfyUnavailable(f"{type(e).__name__}: {e}", outcome_unknown=not certain) from None
         finally:
             self.inflight -= 1

@@ -51,7 +51,7 @@ class PromptService:
         self.deaf_after = 5.0  # seconds without the status broadcast that must follow a POST
         for backend in pool:
             backend.add_breaker_listener(self._breaker_changed)
-            backend.unreachable_listeners.append(lambda b=backend: self._backend_unreachable(b))
+            backend.unreachable_listeners.append(lambda since, b=backend: self._backend_unreachable(b, since))
 
     def start(self) -> None:
         self._timer.start()
@@ -76,12 +76,14 @@ class PromptService:
             self._spawn(self.reconcile(session))
         self.kick()
 
-    def _backend_unreachable(self, backend: Backend) -> None:
-        """ComfyUI refused a connection: its WebSockets are gone too, even if our side has not
-        noticed yet. Stop trusting them now, so no prompt is sent to a client id nobody hears."""
+    def _backend_unreachable(self, backend: Backend, since: float) -> None:
+        """ComfyUI refused a connection: the sockets it had before are gone too, even if our
+        side has not noticed yet. Stop trusting those (not the ones registered since), so no
+        prompt is sent to a client id nobody hears."""
         for session in self.registry.all():
-            if session.backend is backend and session.link is not None:
-                session.link.recycle()
+            link = session.link
+            if session.backend is backend and link is not None and link.registered_at < since:
+                link.recycle()
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)

@@ -72,6 +72,7 @@ class ComfyLink:
         self.stopped = asyncio.Event()  # set once close() has finished
         self.last_status_at = 0.0  # loop time of the last status broadcast received
         self._registered_now = False  # the current socket was registered (for link_down)
+        self.registered_at = 0.0  # loop time the current socket was registered
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -226,6 +227,7 @@ class ComfyLink:
 
     def _registered(self) -> None:
         self._registered_now = True
+        self.registered_at = asyncio.get_running_loop().time()
         self.connections += 1
         self.ready.set()
         self.settled.set()

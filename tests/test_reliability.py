@@ -248,7 +248,8 @@ async def test_chaos_every_prompt_runs_exactly_once_and_every_owner_hears(io_loo
         lost = sum(1 for p in all_ids if executed[p] == 0)
         for p in all_ids:
             if h.sim.completed_counts[p] > 1:
-                print("DUP", p)
+                print("DUP", p, "completed in ComfyUI generations",
+                      [g for q, g in h.sim.completions if q == p])
         print(f"chaos: submitted={submitted} completed_once={completed_once} duplicated={duplicated} lost={lost}")
         assert duplicated == 0 and lost == 0 and completed_once == 200
         for client in users:

@@ -238,6 +238,7 @@ class ComfySimulator:
         self.execution_counts: collections.Counter = collections.Counter()
         self.completed_counts: collections.Counter = collections.Counter()
         self.started_order: list[str] = []  # prompt ids in the order their executions started
+        self.completions: list[tuple[str, int]] = []  # (prompt id, process generation) per completion
         self.requests: list[tuple[str, str]] = []
         self._last_headers: dict = {}
         self._server: HTTPServer | None = None
@@ -527,6 +528,7 @@ class ComfySimulator:
         while len(self.history) > 10000:
             self.history.popitem(last=False)
         self.completed_counts[prompt_id] += 1
+        self.completions.append((prompt_id, self.generation))
         self.running = None
         self.broadcast_status()
         self.send_to_cid("executing", {"node": None, "prompt_id": prompt_id}, cid)
