@@ -45,6 +45,7 @@ class PromptService:
         # retry the reconciliations that ComfyUI could not answer.
         self._timer = PeriodicCallback(self._tick, 1000)
         self.needs_reconcile: set[str] = set()  # users whose prompts' fate is still unknown
+        self._retry_handle = None
         self._tasks: set[asyncio.Future] = set()  # reconciliations in flight
         self._stopped = False
         self.ready_timeout = settings.comfy_connect_timeout_ms / 1000
@@ -63,6 +64,8 @@ class PromptService:
     def stop(self) -> None:
         self._timer.stop()
         self._stopped = True
+        if self._retry_handle is not None:
+            self._retry_handle.cancel()
         for task in [self._draining, *self._tasks]:
             if task is not None and not task.done():
                 task.cancel()
@@ -75,6 +78,16 @@ class PromptService:
             self.needs_reconcile.discard(user_id)
             self._spawn(self.reconcile(session))
         self.kick()
+
+    def _reconcile_later(self, user_id: str) -> None:
+        """Retry soon (the fate of a prompt is only knowable while ComfyUI keeps its history),
+        and again on every tick until ComfyUI answers."""
+        self.needs_reconcile.add(user_id)
+        if self._retry_handle is None and not self._stopped:
+            def retry():
+                self._retry_handle = None
+                self._tick()
+            self._retry_handle = asyncio.get_running_loop().call_later(0.2, retry)
 
     def _backend_unreachable(self, backend: Backend, since: float) -> None:
         """ComfyUI refused a connection: the sockets it had before are gone too, even if our
@@ -339,7 +352,7 @@ class PromptService:
             if record.finished:
                 continue
             if where is None:
-                self.needs_reconcile.add(session.user_id)  # ComfyUI could not say: ask again later
+                self._reconcile_later(session.user_id)  # ComfyUI could not say: ask again soon
                 continue
             if where == "history":
                 await self._deliver_history(session, record)
@@ -356,7 +369,7 @@ class PromptService:
         try:
             entry = (await self.pool.get(record.backend).history(record.prompt_id)).get(record.prompt_id)
         except (ComfyUnavailable, ComfyRejected):
-            self.needs_reconcile.add(session.user_id)
+            self._reconcile_later(session.user_id)
             return
         if not isinstance(entry, dict) or record.finished:
             return
