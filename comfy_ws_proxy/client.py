@@ -96,6 +96,7 @@ class ProxyClient:
         self._reader: asyncio.Task | None = None
         self._connected = asyncio.Event()
         self._closing = False
+        self._held: list | None = None  # messages received while a resume is replaying
 
     async def __aenter__(self) -> "ProxyClient":
         await self.connect()
@@ -105,6 +106,8 @@ class ProxyClient:
         await self.close()
 
     async def connect(self) -> None:
+        if self.conn is not None:
+            self.conn.close()  # the old socket (already closed by the peer): release it
         headers, subprotocols = {}, None
         if self.use_subprotocol:
             subprotocols = [SUBPROTOCOL, "bearer." + self.token]
@@ -118,6 +121,9 @@ class ProxyClient:
         resumed_from = self.session_id
         self.session_id = first["data"]["session_id"]
         if resumed_from == self.session_id and self.last_seq:
+            # Live messages may overtake the replay: hold everything until the replay ends
+            # (prompts_state), then deliver in seq order, each once.
+            self._held = []
             await self.conn.write_message(json.dumps({"type": "resume", "data": {
                 "session_id": self.session_id, "last_seq": self.last_seq}}))
         self._connected.set()
@@ -150,6 +156,18 @@ class ProxyClient:
                 delay = min(delay * 2, 10)
 
     def _dispatch(self, message: str | bytes) -> None:
+        if self._held is not None:
+            if isinstance(message, str) and json.loads(message).get("type") == "prompts_state":
+                held, self._held = self._held, None
+                texts = sorted((m for m in held if isinstance(m, str)), key=lambda m: json.loads(m).get("seq", 0))
+                for m in texts:
+                    self._dispatch(m)
+                for m in held:
+                    if isinstance(m, bytes):
+                        self._dispatch(m)
+                return
+            self._held.append(message)
+            return
         if isinstance(message, bytes):
             if self._running is not None:
                 self._running._event(message)
