@@ -229,6 +229,7 @@ async def test_chaos_every_prompt_runs_exactly_once_and_every_owner_hears(io_loo
         assert submitted == 200
         for client in users:
             for prompt_id in ids[client.user]:
+                client._cursor = 0  # prompts finish out of submission order across faults: scan all
                 try:
                     await client.next(where=lambda m, p=prompt_id: m.get("type") in FINALS
                                       and m["data"].get("prompt_id") == p, timeout=20)
@@ -239,7 +240,6 @@ async def test_chaos_every_prompt_runs_exactly_once_and_every_owner_hears(io_loo
                                          f"{h.sim.execution_counts[prompt_id]}, completions "
                                          f"{h.sim.completed_counts[prompt_id]}, in history "
                                          f"{prompt_id in h.sim.history}") from None
-                client._cursor = 0  # prompts may finish out of submission order across faults
         await h.sim.wait_idle()
         all_ids = [p for user_ids in ids.values() for p in user_ids]
         executed = {p: h.sim.execution_counts[p] for p in all_ids}
