@@ -160,14 +160,24 @@ class ComfyLink:
         # Our own request: no Origin (a loopback ComfyUI answers a foreign Origin with 403).
         request = HTTPRequest(self.backend.ws_url(self.client_id), connect_timeout=self.backend.connect_timeout,
                               request_timeout=self.backend.connect_timeout)
-        conn = await websocket_connect(request, max_message_size=self.max_message_size,
-                                       ping_interval=self.ping_interval,
-                                       ping_timeout=self.ping_interval)
+        pending = websocket_connect(request, max_message_size=self.max_message_size,
+                                    ping_interval=self.ping_interval, ping_timeout=self.ping_interval)
+        try:
+            conn = await asyncio.shield(pending)
+        except asyncio.CancelledError:
+            # Closing the link mid-handshake: close the socket too if the handshake completes.
+            pending.add_done_callback(_close_if_connected)
+            raise
         self._conn = conn
         if self.preview_metadata:
             # Must be the socket's first message: type-4 previews then carry their prompt id.
-            await conn.write_message(json.dumps({"type": "feature_flags",
-                                                 "data": {"supports_preview_metadata": True}}))
+            try:
+                await conn.write_message(json.dumps({"type": "feature_flags",
+                                                     "data": {"supports_preview_metadata": True}}))
+            except BaseException:  # closed (or cancelled) before it started: release the socket
+                self._conn = None
+                conn.close()
+                raise
         return conn
 
     async def _read_loop(self, conn: WebSocketClientConnection) -> None:
@@ -232,3 +242,8 @@ class ComfyLink:
         self.ready.set()
         self.settled.set()
         self.sink.link_up(reconnected=self.connections > 1)
+
+
+def _close_if_connected(future) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result().close()
