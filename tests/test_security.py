@@ -7,6 +7,7 @@ import os
 import socket
 import struct
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -162,17 +163,18 @@ async def test_invalid_utf8_and_oversized_frames_close_with_documented_codes(io_
         assert outcome == "execution_success"
 
 
+@pytest.mark.timeout(seconds=240)
 async def test_one_hundred_users_see_zero_cross_user_frames(io_loop):
     async with ProxyHarness(comfy_request_timeout_ms=20000) as h:
         users = [await h.connect(f"user{i}") for i in range(100)]
         own: dict[str, set] = {}
 
         async def work(i, client):
-            a, _ = await client.run(variant("success", 1000 + i), timeout=110)     # a broadcast TEXT frame
-            b, _ = await client.run(variant("success-ws", 2000 + i), timeout=110)  # three previews
+            a, _ = await client.run(variant("success", 1000 + i), timeout=200)     # a broadcast TEXT frame
+            b, _ = await client.run(variant("success-ws", 2000 + i), timeout=200)  # three previews
             own[client.user] = {a, b}
 
-        await asyncio.wait_for(asyncio.gather(*(work(i, c) for i, c in enumerate(users))), 120)
+        await asyncio.wait_for(asyncio.gather(*(work(i, c) for i, c in enumerate(users))), 220)
         cross = 0
         for client in users:
             for m in client.json_messages():
