@@ -87,6 +87,8 @@ OPTIONS: tuple[Option, ...] = (
     _opt("cleanup_interval_ms", "int", 300000, "How often expired sessions are removed.", minimum=1),
     _opt("max_queued_prompts_per_user", "int", 100,
          "Prompts a user may have waiting in the proxy's queue.", minimum=1),
+    _opt("finished_prompt_retention_s", "int", 86400,
+         "How long finished prompts are remembered (ownership for /outputs, resume state).", minimum=1),
     _opt("resume_buffer_size", "int", 500, "Messages kept per session for resume.", minimum=0),
     _opt("store_path", "str", "comfy_ws_proxy.sqlite3",
          "SQLite file for the durable queue and prompt ownership (':memory:' for tests)."),

@@ -21,12 +21,6 @@ from .protocol import (SUBPROTOCOL, Cancel, CloseCode, ErrorCode, Ping, Protocol
 log = logging.getLogger(__name__)
 
 
-def client_ip(request, trust_forwarded: bool) -> str:
-    """The peer address, or the forwarded one when a trusted proxy (nginx) sets it.
-    With xheaders on, Tornado already put X-Real-IP / X-Forwarded-For in remote_ip."""
-    return request.remote_ip or "unknown"
-
-
 class ClientConnection(WebSocketHandler):
     def initialize(self, registry, prompts, verifier: TokenVerifier, settings, metrics: Metrics, app_state):
         self.registry = registry
@@ -48,7 +42,8 @@ class ClientConnection(WebSocketHandler):
         s = self.settings_
         if not self.registry.accepting:
             return self._refuse(503, "shutting_down", "The proxy is shutting down")
-        self.ip = client_ip(self.request, s.trust_forwarded)
+        # The peer, or (TRUST_FORWARDED: HTTPServer xheaders) the address nginx forwarded.
+        self.ip = self.request.remote_ip or "unknown"
         origin = self.request.headers.get("Origin")
         if origin is not None and not self.check_origin(origin):
             self.metrics.auth_failures.labels("origin").inc()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 import uuid
 from collections import Counter, deque
 from typing import TYPE_CHECKING, Any, Callable, Iterable
@@ -260,8 +261,12 @@ class SessionRegistry:
                                    connections=len(s.connections), unfinished_prompts=s.unfinished_count())]
 
     def cleanup(self, now: float | None = None) -> list[Session]:
-        """Remove expired sessions: close their upstream sockets, free their buffers."""
+        """Remove expired sessions (closing their upstream sockets, freeing their buffers) and
+        finished prompt records older than the retention (store rows are wall-clock stamped)."""
         now = self.clock() if now is None else now
+        forgotten = self.store.forget_finished(time.time() - self.settings.finished_prompt_retention_s)
+        if forgotten:
+            log.info("cleanup forgot %d finished prompts", forgotten)
         gone = self.expired_sessions(now)
         for session in gone:
             self.remove(session)

@@ -197,9 +197,8 @@ class Store:
                 mine.pop(pid, None)
                 if not mine:
                     del self.by_user[record.user_id]
-        if gone:
-            self.db.execute("DELETE FROM prompts WHERE updated_at < ? AND state NOT IN (?, ?, ?, ?)",
-                            (older_than, *sorted(PromptState.UNFINISHED)))
+        if gone:  # exactly the rows dropped from memory
+            self.db.executemany("DELETE FROM prompts WHERE prompt_id = ?", [(pid,) for pid in gone])
         return len(gone)
 
     def _write(self, r: PromptRecord) -> None:

@@ -103,3 +103,20 @@ async def test_a_session_with_a_pending_prompt_is_not_expired(io_loop):
         assert h.state.registry.cleanup() == []
         assert h.state.registry.sessions["alice"].link is not None  # kept for the pending prompt
         h.sim.paused = False
+
+
+async def test_cleanup_forgets_finished_prompts_after_the_retention(io_loop):
+    async with ProxyHarness(finished_prompt_retention_s=3600) as h:
+        alice = await h.connect("alice")
+        old, _ = await alice.run(workflow("success"))
+        new, _ = await alice.run(workflow("success-ws"))
+        h.sim.paused = True
+        pending = (await alice.submit(workflow("long-running")))["data"]["prompt_id"]
+        store = h.state.store
+        store.get(old).updated_at -= 7200               # finished two hours ago
+        store.get(pending).updated_at -= 7200           # unfinished: kept whatever its age
+        h.state.registry.cleanup()
+        assert store.get(old) is None and store.get(new) is not None and store.get(pending) is not None
+        rows = {r[0] for r in store.db.execute("SELECT prompt_id FROM prompts")}
+        assert old not in rows and {new, pending} <= rows
+        h.sim.paused = False
