@@ -47,6 +47,7 @@ class PromptService:
         self.needs_reconcile: set[str] = set()  # users whose prompts' fate is still unknown
         self._retry_handle = None
         self._tasks: set[asyncio.Future] = set()  # reconciliations in flight
+        self._settled_waiters: list[asyncio.Future] = []  # see wait_settled
         self._stopped = False
         self.ready_timeout = settings.comfy_connect_timeout_ms / 1000
         self.deaf_after = 5.0  # seconds without the status broadcast that must follow a POST
@@ -101,7 +102,11 @@ class PromptService:
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Future) -> None:
+        self._tasks.discard(task)
+        self._changed()
 
     def _breaker_changed(self, old: BreakerState, new: BreakerState) -> None:
         if new is BreakerState.CLOSED:
@@ -109,6 +114,53 @@ class PromptService:
                 if session.link is not None:
                     session.link.wake()
             self.kick()
+            self._changed()
+
+    # --- settled --------------------------------------------------------------------------------
+    def settled(self) -> bool:
+        """True when the proxy has nothing left to find out or to send: every breaker is
+        closed, no reconciliation is pending or running, nothing waits in (or is leaving)
+        the proxy's queue, no POST's outcome is unknown, and every prompt that ComfyUI holds
+        is heard through a registered upstream socket. Until then, a ComfyUI restart can wipe
+        a history the proxy still had to read, and the prompt must go again."""
+        if self.needs_reconcile or self._tasks or not all(b.available for b in self.pool):
+            return False
+        for record in self.store.unfinished():
+            if record.state not in PromptState.IN_COMFY or record.outcome_unknown:
+                return False  # queued or being POSTed, or its fate still to be asked
+            session = self.registry.sessions.get(record.user_id)
+            link = session.link if session is not None else None
+            if link is None or not link.ready.is_set():
+                return False  # its events would go unheard
+        return True
+
+    async def wait_settled(self, timeout: float) -> None:
+        """Return once settled() holds; asyncio.TimeoutError after ``timeout`` seconds.
+        Event-driven: waiters are woken by the changes settled() depends on (_changed)."""
+        async def wait() -> None:
+            while not self.settled():  # re-checked: it may have moved on before we resumed
+                waiter = asyncio.get_running_loop().create_future()
+                self._settled_waiters.append(waiter)
+                try:
+                    await waiter
+                finally:  # after a timeout too: a stale waiter would keep _changed checking
+                    if waiter in self._settled_waiters:
+                        self._settled_waiters.remove(waiter)
+        await asyncio.wait_for(wait(), timeout)
+
+    def _changed(self) -> None:
+        """Something settled() depends on moved (a record's state, a reconciliation, the
+        breaker, a link): wake the waiters if it holds now. Checked only while someone waits."""
+        if self._settled_waiters and self.settled():
+            waiters, self._settled_waiters = self._settled_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def _update(self, record: PromptRecord, state: str, **changes) -> None:
+        """Every state change of a record goes through here, so settled() waiters hear of it."""
+        self.store.update(record, state, **changes)
+        self._changed()
 
     # --- submit ---------------------------------------------------------------------------------
     async def submit(self, session: Session, msg: SubmitPrompt) -> None:
@@ -179,8 +231,8 @@ class PromptService:
         except ComfyUnavailable as e:
             self.metrics.comfy_duration.labels(session.backend.name, "unavailable").observe(self.clock() - started)
             if record.state == PromptState.SUBMITTING:
-                self.store.update(record, PromptState.QUEUED,
-                                  outcome_unknown=record.outcome_unknown or e.outcome_unknown)
+                self._update(record, PromptState.QUEUED,
+                             outcome_unknown=record.outcome_unknown or e.outcome_unknown)
                 if not announced:
                     self._announce_queued(session, record)
             else:
@@ -193,7 +245,7 @@ class PromptService:
         self.metrics.comfy_duration.labels(session.backend.name, "ok").observe(self.clock() - started)
         number = result.get("number")
         if record.state == PromptState.SUBMITTING:  # events may already have moved it on
-            self.store.update(record, PromptState.PENDING, number=number, outcome_unknown=False)
+            self._update(record, PromptState.PENDING, number=number, outcome_unknown=False)
         else:
             record.number = number
         self.metrics.prompts.labels("accepted").inc()
@@ -224,7 +276,7 @@ class PromptService:
         asyncio.get_running_loop().call_later(self.deaf_after, check)
 
     def _rejected(self, session: Session, record: PromptRecord, e: ComfyRejected) -> None:
-        self.store.update(record, PromptState.REJECTED)
+        self._update(record, PromptState.REJECTED)
         self.metrics.prompts.labels("rejected").inc()
         body = e.body if isinstance(e.body, dict) else {}
         error = body.get("error")
@@ -289,7 +341,7 @@ class PromptService:
                     record.outcome_unknown = False
                 resubmitted = record.attempts > 0
                 self.store.rotate(user_id)  # served: to the back of the round-robin
-                self.store.update(record, PromptState.SUBMITTING)
+                self._update(record, PromptState.SUBMITTING)
                 if not await self._post(session, record, resubmitted=resubmitted):
                     return
                 progressed = True
@@ -339,7 +391,7 @@ class PromptService:
             await self._deliver_history(session, record)
             return
         state = PromptState.RUNNING if where == "running" else PromptState.PENDING
-        self.store.update(record, state, outcome_unknown=False)
+        self._update(record, state, outcome_unknown=False)
         session.send("prompt_accepted", {"prompt_id": record.prompt_id, "number": record.number,
                                          "node_errors": {}, "queued": False, "reconciled": True})
 
@@ -359,9 +411,9 @@ class PromptService:
             elif where == "absent":
                 # ComfyUI restarted and forgot it: it goes again, with the same id.
                 log.warning("prompt lost by ComfyUI, requeued user=%s prompt=%s", record.user_id, record.prompt_id)
-                self.store.update(record, PromptState.QUEUED, outcome_unknown=False)
+                self._update(record, PromptState.QUEUED, outcome_unknown=False)
             elif where == "running" and record.state != PromptState.RUNNING:
-                self.store.update(record, PromptState.RUNNING)
+                self._update(record, PromptState.RUNNING)
         self.kick()
 
     async def _deliver_history(self, session: Session, record: PromptRecord) -> None:
@@ -398,6 +450,7 @@ class PromptService:
             self._spawn(self.reconcile(session))
         else:
             self.kick()
+        self._changed()
 
     # --- events from ComfyUI ---------------------------------------------------------------------
     def on_event(self, session: Session, kind: str, data: dict, prompt_id: str | None) -> None:
@@ -405,13 +458,13 @@ class PromptService:
         if record is None or record.finished:
             return
         if kind == "execution_start" and record.state != PromptState.RUNNING:
-            self.store.update(record, PromptState.RUNNING, outcome_unknown=False)
+            self._update(record, PromptState.RUNNING, outcome_unknown=False)
             log.info("prompt running user=%s prompt=%s", record.user_id, record.prompt_id)
         elif kind in _FINAL_STATE:
             self._finish(session, record, _FINAL_STATE[kind])
 
     def _finish(self, session: Session, record: PromptRecord, state: str) -> None:
-        self.store.update(record, state, outcome_unknown=False)
+        self._update(record, state, outcome_unknown=False)
         self.metrics.prompts.labels(state).inc()
         log.info("prompt finished user=%s prompt=%s outcome=%s", record.user_id, record.prompt_id, state)
         if not session.connections:
@@ -428,7 +481,7 @@ class PromptService:
                                 prompt_id=record.prompt_id)
         backend = self.pool.get(record.backend)
         if record.state == PromptState.QUEUED:
-            self.store.update(record, PromptState.CANCELLED)
+            self._update(record, PromptState.CANCELLED)
             self._cancelled(session, record)
             return
         try:
@@ -443,7 +496,7 @@ class PromptService:
         except (ComfyUnavailable, ComfyRejected):
             raise ProtocolError(ErrorCode.COMFY_UNAVAILABLE, prompt_id=record.prompt_id) from None
         if where == "absent" and not record.finished:
-            self.store.update(record, PromptState.CANCELLED)
+            self._update(record, PromptState.CANCELLED)
             self._cancelled(session, record)
 
     def _cancelled(self, session: Session, record: PromptRecord) -> None:
