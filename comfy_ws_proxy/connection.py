@@ -6,19 +6,24 @@ without bound, nor slows the upstream read loop or other users).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
 from urllib.parse import urlsplit
 
-from tornado.websocket import WebSocketClosedError, WebSocketHandler
+from tornado.iostream import StreamClosedError
+from tornado.websocket import WebSocketHandler
 
 from .auth import AuthError, Identity, TokenVerifier, extract_token, requested_subprotocols
 from .metrics import Metrics
 from .protocol import (SUBPROTOCOL, Cancel, CloseCode, ErrorCode, Ping, ProtocolError, Resume, SubmitPrompt,
                        parse_client_message)
+from .wsframes import OP_BINARY, OP_TEXT, frame_header
 
 log = logging.getLogger(__name__)
+
+INLINE_MAX = 2048  # payloads up to this size are copied into one write with their header
 
 
 class ClientConnection(WebSocketHandler):
@@ -185,9 +190,11 @@ class ClientConnection(WebSocketHandler):
         self._write(frame, kind_class, binary=True)
 
     def _write(self, payload, kind_class: str, binary: bool = False) -> None:
-        if self.closing or self.ws_connection is None:
+        ws = self.ws_connection
+        if self.closing or ws is None or ws.is_closing():
             return
-        size = len(payload)
+        data = payload.encode("utf-8") if isinstance(payload, str) else payload
+        size = len(data)
         budget = self.settings_.max_outbound_buffer_bytes
         large = size > budget
         # A client owing more than its budget has stopped reading. One frame larger than the
@@ -203,17 +210,26 @@ class ClientConnection(WebSocketHandler):
                 self.registry.detach(self, self.session, self.ip)
             self.close(CloseCode.SLOW_CONSUMER, "too slow: resume to catch up")
             return
+        # The frame goes straight to the IOStream instead of through write_message(), which
+        # wraps every write in a coroutine and a Task and copies the payload into the frame:
+        # the relay's hot path. A payload over INLINE_MAX is written after its header, by
+        # reference (IOStream keeps large buffers without copying them).
+        header = frame_header(OP_BINARY if binary else OP_TEXT, size)
         try:
-            future = self.write_message(payload, binary=binary)
-        except WebSocketClosedError:
-            return
+            if size > INLINE_MAX:
+                ws.stream.write(header)
+                future = ws.stream.write(data)
+            else:
+                future = ws.stream.write(header + data)
+        except StreamClosedError:
+            return  # on_close follows
         self.pending_bytes += size
         if large:
             self.large_bytes += size
-        future.add_done_callback(lambda f, n=size, big=large: self._written(f, n, big))
+        future.add_done_callback(functools.partial(self._written, size, large))
         self.metrics.relayed("to_client", kind_class, size)
 
-    def _written(self, future, size: int, large: bool) -> None:
+    def _written(self, size: int, large: bool, future) -> None:
         self.pending_bytes -= size
         if large:
             self.large_bytes -= size
