@@ -90,6 +90,8 @@ OPTIONS: tuple[Option, ...] = (
     _opt("finished_prompt_retention_s", "int", 86400,
          "How long finished prompts are remembered (ownership for /outputs, resume state).", minimum=1),
     _opt("resume_buffer_size", "int", 500, "Messages kept per session for resume.", minimum=0),
+    _opt("resume_buffer_bytes", "int", 512 * KIB,
+         "Bytes of messages kept per session for resume (the older ones go first).", minimum=0),
     _opt("store_path", "str", "comfy_ws_proxy.sqlite3",
          "SQLite file for the durable queue and prompt ownership (':memory:' for tests)."),
     # --- client limits ----------------------------------------------------------------------
@@ -100,7 +102,7 @@ OPTIONS: tuple[Option, ...] = (
          minimum=0.001),
     _opt("submit_burst", "int", 20, "Prompt submissions a user may burst.", minimum=1),
     _opt("node_allowlist", "list", [], "If set, only these node class_types may be submitted."),
-    _opt("max_outbound_buffer_bytes", "int", 2 * MIB,
+    _opt("max_outbound_buffer_bytes", "int", 1 * MIB,
          "Unsent bytes a client may owe before it is closed as too slow.", minimum=64 * KIB),
     _opt("ws_ping_interval_s", "float", 25.0,
          "Ping clients this often (keep below nginx proxy_read_timeout).", minimum=0),

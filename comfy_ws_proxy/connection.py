@@ -12,6 +12,7 @@ import logging
 import time
 from urllib.parse import urlsplit
 
+from tornado.httputil import HTTPHeaders
 from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketHandler
 
@@ -97,6 +98,11 @@ class ClientConnection(WebSocketHandler):
     # --- the session ---------------------------------------------------------------------------
     async def open(self, *args, **kwargs):
         identity = self.identity
+        # The upgrade's headers and query are done with: don't keep them (nor the token in
+        # them, nor ~2 KiB per connection) for the connection's lifetime.
+        request = self.request
+        request.headers, request.query, request.uri = HTTPHeaders(), "", request.path
+        request.query_arguments, request.arguments = {}, {}
         try:
             self.session = self.registry.attach(self, identity.user_id, self.ip)
         except ProtocolError as e:

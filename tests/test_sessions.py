@@ -73,6 +73,18 @@ async def test_resume_gap_when_the_buffer_no_longer_reaches_back(io_loop):
         await alice.next("prompts_state")
 
 
+async def test_the_resume_buffer_is_bounded_in_bytes_too(io_loop):
+    async with ProxyHarness(resume_buffer_size=500, resume_buffer_bytes=2000) as h:
+        alice = await h.connect("alice")
+        await alice.run(workflow("success"))  # more than 2000 bytes of events
+        session = h.state.registry.sessions["alice"]
+        assert 0 < session.buffer_bytes <= 2000
+        assert session.buffer_bytes == sum(len(text) for _, text in session.buffer)
+        assert session.buffer[-1][0] == session.seq  # the newest are kept
+        complete, missed = session.since(1)
+        assert not complete and missed == [text for _, text in session.buffer]
+
+
 async def test_idle_upstream_socket_is_closed_and_reopened_on_demand(io_loop):
     async with ProxyHarness() as h:
         alice = await h.connect("alice")
