@@ -80,7 +80,7 @@ class ProxyState:
         self.registry.prompts = self.prompts
         self.verifier = build_verifier(settings, self.http,
                                        on_jwks_fetch=lambda outcome: self.metrics.jwks_fetches.labels(outcome).inc())
-        self.lag_monitor = LoopLagMonitor(self.metrics)
+        self.lag_monitor = LoopLagMonitor(self.metrics, settings.loop_lag_interval_ms / 1000)
         self.pinger = ClientPinger(self.registry, settings)
         self.started = False
         self.metrics.queued_prompts.set(sum(self.store.queue_sizes().values()))

@@ -55,6 +55,8 @@ OPTIONS: tuple[Option, ...] = (
     _opt("trust_forwarded", "bool", False,
          "Trust X-Forwarded-For / X-Real-IP (run behind nginx). Off: the socket peer is the client."),
     _opt("log_json", "bool", False, "Write log lines as JSON objects."),
+    _opt("loop_lag_interval_ms", "int", 500,
+         "How often the IOLoop's scheduling lag is sampled (event_loop_lag_seconds).", minimum=5),
     _opt("log_level", "str", "info", "Log level.", choices=("debug", "info", "warning", "error")),
     _opt("shutdown_grace_ms", "int", 10000,
          "On SIGTERM, how long in-flight ComfyUI calls may take before the process exits.", minimum=0),

@@ -255,11 +255,15 @@ class ClientConnection(WebSocketHandler):
                 future = ws.stream.write(header + data)
         except StreamClosedError:
             return  # on_close follows
+        self.metrics.relayed("to_client", kind_class, size)
+        if future.done():  # the socket took it all at once (the usual case): nothing owed
+            if not future.cancelled():
+                future.exception()  # a stream closed meanwhile: on_close handles it
+            return
         self.pending_bytes += size
         if large:
             self.large_bytes += size
         future.add_done_callback(functools.partial(self._written, size, large))
-        self.metrics.relayed("to_client", kind_class, size)
 
     def _written(self, size: int, large: bool, future) -> None:
         self.pending_bytes -= size

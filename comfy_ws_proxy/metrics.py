@@ -67,7 +67,7 @@ class Metrics:
         self.comfy_duration = Histogram(f"{NS}_comfy_request_duration_seconds", "Calls to ComfyUI",
                                         ["backend", "outcome"], registry=r)
         self.loop_lag = Histogram(f"{NS}_event_loop_lag_seconds", "IOLoop scheduling lag",
-                                  buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+                                  buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5),
                                   registry=r)
         self.uptime = Gauge(f"{NS}_uptime_seconds", "Seconds since start", registry=r)
         self.uptime.set_function(lambda: time.monotonic() - self.started)
