@@ -16,7 +16,7 @@ from . import __version__
 from .auth import build_verifier
 from .backend import Backend, BackendPool
 from .breaker import CircuitBreaker
-from .connection import ClientConnection
+from .connection import ClientConnection, ClientPinger
 from .dispatch import PromptService
 from .metrics import Metrics
 from .session import SessionRegistry
@@ -80,7 +80,8 @@ class ProxyState:
         self.registry.prompts = self.prompts
         self.verifier = build_verifier(settings, self.http,
                                        on_jwks_fetch=lambda outcome: self.metrics.jwks_fetches.labels(outcome).inc())
-        self.lag_monitor = LoopLagMonitor(self.metrics)
+        self.lag_monitor = LoopLagMonitor(self.metrics, settings.loop_lag_interval_ms / 1000)
+        self.pinger = ClientPinger(self.registry, settings)
         self.started = False
         self.metrics.queued_prompts.set(sum(self.store.queue_sizes().values()))
 
@@ -114,6 +115,7 @@ class ProxyState:
         self.registry.start()
         self.prompts.start()
         self.lag_monitor.start()
+        self.pinger.start()
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful stop: refuse new sockets, tell clients, let in-flight ComfyUI calls
@@ -125,6 +127,7 @@ class ProxyState:
         grace = self.settings.shutdown_grace_ms / 1000 if grace is None else grace
         await asyncio.gather(*(b.wait_idle(grace) for b in self.pool))
         self.lag_monitor.stop()
+        self.pinger.stop()
         self.prompts.stop()
         self.registry.stop()
         self.pool.stop()
@@ -170,8 +173,7 @@ def application_settings(settings) -> dict:
     # Tornado's own frame cap is a hard stop (close 1009); the proxy's max_message_bytes below it
     # gives a clear message_too_large error without closing.
     return {
-        "websocket_ping_interval": settings.ws_ping_interval_s or None,
-        "websocket_ping_timeout": settings.ws_ping_timeout_s or None,
+        # (pings: ClientPinger, not Tornado's per-connection ping task)
         "websocket_max_message_size": settings.max_message_bytes * 4,
         "log_function": log_request,
     }

@@ -6,19 +6,26 @@ without bound, nor slows the upstream read loop or other users).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
+import random
 import time
 from urllib.parse import urlsplit
 
-from tornado.websocket import WebSocketClosedError, WebSocketHandler
+from tornado.ioloop import PeriodicCallback
+from tornado.iostream import StreamClosedError
+from tornado.websocket import WebSocketHandler
 
 from .auth import AuthError, Identity, TokenVerifier, extract_token, requested_subprotocols
 from .metrics import Metrics
 from .protocol import (SUBPROTOCOL, Cancel, CloseCode, ErrorCode, Ping, ProtocolError, Resume, SubmitPrompt,
                        parse_client_message)
+from .wsframes import OP_BINARY, OP_TEXT, frame_header
 
 log = logging.getLogger(__name__)
+
+INLINE_MAX = 2048  # payloads up to this size are copied into one write with their header
 
 
 class ClientConnection(WebSocketHandler):
@@ -36,6 +43,8 @@ class ClientConnection(WebSocketHandler):
         self.large_bytes = 0  # of which: the one frame larger than the budget, if any
         self.closing = False
         self._expiry_handle = None
+        self.next_ping_at = 0.0
+        self.ping_sent_at: float | None = None  # an unanswered ping
 
     # --- the upgrade ------------------------------------------------------------------------------
     async def get(self, *args, **kwargs):
@@ -92,6 +101,14 @@ class ClientConnection(WebSocketHandler):
     # --- the session ---------------------------------------------------------------------------
     async def open(self, *args, **kwargs):
         identity = self.identity
+        # The upgrade's headers and query are done with: don't keep them (nor the token in
+        # them, nor ~1.5 KiB per connection) for the connection's lifetime. Emptied in place:
+        # Tornado's HTTP/1 reader still holds the same headers object.
+        request = self.request
+        request.headers.clear()
+        request.query, request.uri = "", request.path
+        request.query_arguments.clear()
+        request.arguments.clear()
         try:
             self.session = self.registry.attach(self, identity.user_id, self.ip)
         except ProtocolError as e:
@@ -100,6 +117,8 @@ class ClientConnection(WebSocketHandler):
             self.close(CloseCode.TOO_MANY_CONNECTIONS, e.message)
             return
         session = self.session
+        interval = self.settings_.ws_ping_interval_s
+        self.next_ping_at = self.registry.clock() + interval * (0.5 + random.random() / 2)  # spread
         log.info("connection open user=%s session=%s ip=%s", identity.user_id, session.session_id[:8], self.ip)
         if identity.expires_at is not None:
             delay = max(0.0, identity.expires_at - time.time())
@@ -116,6 +135,24 @@ class ClientConnection(WebSocketHandler):
             session.send("error", {"code": ErrorCode.COMFY_UNAVAILABLE,
                                    "message": "ComfyUI is temporarily unavailable",
                                    "details": {"prompts": "will be queued"}}, only=self)
+
+    # --- keepalive (driven by ClientPinger) -----------------------------------------------------
+    def keepalive(self, now: float, interval: float, timeout: float) -> None:
+        if self.ping_sent_at is not None:
+            if timeout and now - self.ping_sent_at >= timeout:
+                log.info("closing a client that did not answer a ping user=%s", self.session.user_id)
+                self.close(CloseCode.GOING_AWAY, "ping timed out")
+            return
+        if now >= self.next_ping_at:
+            self.next_ping_at = now + interval
+            self.ping_sent_at = now
+            try:
+                self.ping()
+            except Exception:  # closed meanwhile: on_close handles it
+                pass
+
+    def on_pong(self, data: bytes) -> None:
+        self.ping_sent_at = None
 
     def _token_expired(self) -> None:
         self._expiry_handle = None
@@ -185,9 +222,11 @@ class ClientConnection(WebSocketHandler):
         self._write(frame, kind_class, binary=True)
 
     def _write(self, payload, kind_class: str, binary: bool = False) -> None:
-        if self.closing or self.ws_connection is None:
+        ws = self.ws_connection
+        if self.closing or ws is None or ws.is_closing():
             return
-        size = len(payload)
+        data = payload.encode("utf-8") if isinstance(payload, str) else payload
+        size = len(data)
         budget = self.settings_.max_outbound_buffer_bytes
         large = size > budget
         # A client owing more than its budget has stopped reading. One frame larger than the
@@ -203,17 +242,30 @@ class ClientConnection(WebSocketHandler):
                 self.registry.detach(self, self.session, self.ip)
             self.close(CloseCode.SLOW_CONSUMER, "too slow: resume to catch up")
             return
+        # The frame goes straight to the IOStream instead of through write_message(), which
+        # wraps every write in a coroutine and a Task and copies the payload into the frame:
+        # the relay's hot path. A payload over INLINE_MAX is written after its header, by
+        # reference (IOStream keeps large buffers without copying them).
+        header = frame_header(OP_BINARY if binary else OP_TEXT, size)
         try:
-            future = self.write_message(payload, binary=binary)
-        except WebSocketClosedError:
+            if size > INLINE_MAX:
+                ws.stream.write(header)
+                future = ws.stream.write(data)
+            else:
+                future = ws.stream.write(header + data)
+        except StreamClosedError:
+            return  # on_close follows
+        self.metrics.relayed("to_client", kind_class, size)
+        if future.done():  # the socket took it all at once (the usual case): nothing owed
+            if not future.cancelled():
+                future.exception()  # a stream closed meanwhile: on_close handles it
             return
         self.pending_bytes += size
         if large:
             self.large_bytes += size
-        future.add_done_callback(lambda f, n=size, big=large: self._written(f, n, big))
-        self.metrics.relayed("to_client", kind_class, size)
+        future.add_done_callback(functools.partial(self._written, size, large))
 
-    def _written(self, future, size: int, large: bool) -> None:
+    def _written(self, size: int, large: bool, future) -> None:
         self.pending_bytes -= size
         if large:
             self.large_bytes -= size
@@ -227,4 +279,32 @@ class ClientConnection(WebSocketHandler):
         self.close(CloseCode.GOING_AWAY, "proxy shutting down")
 
 
-__all__ = ["ClientConnection", "requested_subprotocols"]
+class ClientPinger:
+    """Pings every client connection each WS_PING_INTERVAL_S and closes those that leave a
+    ping unanswered for WS_PING_TIMEOUT_S (nginx and other idle-timeout hops see traffic;
+    dead peers are noticed). One timer for all connections: Tornado's own pinging runs a
+    task per connection, about 1 KiB each at 10,000 users. Also works when the proxy is
+    mounted in a host application, whatever that application's settings."""
+
+    def __init__(self, registry, settings):
+        self.registry = registry
+        self.interval = settings.ws_ping_interval_s
+        self.timeout = settings.ws_ping_timeout_s
+        tick = min(1.0, self.interval / 4) if self.interval else 1.0
+        self._timer = PeriodicCallback(self.tick, tick * 1000)
+
+    def start(self) -> None:
+        if self.interval:
+            self._timer.start()
+
+    def stop(self) -> None:
+        self._timer.stop()
+
+    def tick(self) -> None:
+        now = self.registry.clock()
+        for session in self.registry.all():
+            for conn in list(session.connections):
+                conn.keepalive(now, self.interval, self.timeout)
+
+
+__all__ = ["ClientConnection", "ClientPinger", "requested_subprotocols"]

@@ -67,15 +67,14 @@ class Metrics:
         self.comfy_duration = Histogram(f"{NS}_comfy_request_duration_seconds", "Calls to ComfyUI",
                                         ["backend", "outcome"], registry=r)
         self.loop_lag = Histogram(f"{NS}_event_loop_lag_seconds", "IOLoop scheduling lag",
-                                  buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+                                  buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5),
                                   registry=r)
         self.uptime = Gauge(f"{NS}_uptime_seconds", "Seconds since start", registry=r)
         self.uptime.set_function(lambda: time.monotonic() - self.started)
         # Create the bounded label values up front so dashboards see zeros, not gaps.
-        for d in DIRECTIONS:
-            for c in TYPE_CLASSES:
-                self.messages.labels(d, c)
-                self.bytes.labels(d, c)
+        # (children looked up once: relayed() runs for every message)
+        self._relay = {(d, c): (self.messages.labels(d, c), self.bytes.labels(d, c))
+                       for d in DIRECTIONS for c in TYPE_CLASSES}
         for o in PROMPT_OUTCOMES:
             self.prompts.labels(o)
         for reason in AUTH_REASONS:
@@ -84,8 +83,9 @@ class Metrics:
             self.jwks_fetches.labels(outcome)
 
     def relayed(self, direction: str, kind_class: str, size: int) -> None:
-        self.messages.labels(direction, kind_class).inc()
-        self.bytes.labels(direction, kind_class).inc(size)
+        messages, relayed_bytes = self._relay[direction, kind_class]
+        messages.inc()
+        relayed_bytes.inc(size)
 
     def set_breaker(self, backend: str, state: str) -> None:
         for s in BREAKER_STATES:

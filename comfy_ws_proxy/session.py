@@ -66,7 +66,10 @@ class Session:
         self.backend = registry.pool.for_user(user_id)
         self.connections: set = set()
         self.seq = 0
-        self.buffer: deque[tuple[int, str]] = deque(maxlen=s.resume_buffer_size or None)
+        # Sent messages kept for resume, bounded in count and bytes; created on first use
+        # (an empty deque costs 760 bytes, and most idle sessions never need one).
+        self.buffer: deque[tuple[int, str]] | None = None
+        self.buffer_bytes = 0
         self.created = now
         self.last_activity = now
         self.bucket = TokenBucket(s.submit_rate_per_s, s.submit_burst, now)
@@ -125,11 +128,22 @@ class Session:
         self._fan_out(protocol.with_seq(upstream_text, self.next_seq()), type_class(kind))
 
     def _fan_out(self, text: str, kind_class: str) -> None:
-        self.buffer.append((self.seq, text))
+        self._keep(text)
         for conn in list(self.connections):
             conn.send_text(text, kind_class)
 
-    def send_binary(self, frame: bytes) -> None:
+    def _keep(self, text: str) -> None:
+        s = self.registry.settings
+        if not s.resume_buffer_size or not s.resume_buffer_bytes:
+            return
+        if self.buffer is None:
+            self.buffer = deque()
+        self.buffer.append((self.seq, text))
+        self.buffer_bytes += len(text)
+        while len(self.buffer) > s.resume_buffer_size or self.buffer_bytes > s.resume_buffer_bytes:
+            self.buffer_bytes -= len(self.buffer.popleft()[1])
+
+    def send_binary(self, frame: bytes | bytearray) -> None:
         kind_class = "text" if protocol.binary_event_type(frame) == protocol.BINARY_TEXT else "preview"
         for conn in list(self.connections):
             conn.send_binary(frame, kind_class)
@@ -277,7 +291,8 @@ class SessionRegistry:
     def remove(self, session: Session) -> None:
         self.sessions.pop(session.user_id, None)
         self.by_id.pop(session.session_id, None)
-        session.buffer.clear()
+        session.buffer = None
+        session.buffer_bytes = 0
         session.held.clear()
         if session.link is not None:
             link, session.link = session.link, None

@@ -20,13 +20,14 @@ import logging
 import random
 from typing import Protocol
 
-from tornado.httpclient import HTTPRequest
-from tornado.websocket import WebSocketClientConnection, websocket_connect
-
+from . import wsclient
 from .backend import Backend
 from .protocol import BINARY_PREVIEW_WITH_METADATA, binary_event_type, preview_metadata
+from .wsclient import UpstreamSocket
 
 log = logging.getLogger(__name__)
+
+CLOSE_WAIT = 2.0  # seconds a closing link waits for ComfyUI's close frame
 
 FINAL_EVENTS = frozenset({"execution_success", "execution_error", "execution_interrupted"})
 
@@ -37,9 +38,48 @@ class LinkSink(Protocol):
     def owns(self, prompt_id: str) -> bool: ...
     def upstream_event(self, kind: str, data: dict, text: str) -> None: ...
     def upstream_status(self, text: str) -> None: ...
-    def upstream_binary(self, frame: bytes, prompt_id: str) -> None: ...
+    def upstream_binary(self, frame: bytes | bytearray, prompt_id: str) -> None: ...
     def link_up(self, reconnected: bool) -> None: ...
     def link_down(self) -> None: ...
+
+
+class Flag:
+    """What ComfyLink needs of asyncio.Event (set, clear, is_set, wait) without the deque
+    every Event allocates up front: 760 bytes, four per user, add up at 10,000 users."""
+
+    __slots__ = ("_set", "_waiters")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._waiters: list[asyncio.Future] | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        if self._set:
+            return
+        self._set = True
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
+            if not waiter.done():
+                waiter.set_result(True)
+
+    def clear(self) -> None:
+        self._set = False
+
+    async def wait(self) -> bool:
+        if self._set:
+            return True
+        waiter = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(waiter)
+        try:
+            return await waiter
+        finally:
+            if self._waiters is not None and waiter in self._waiters:
+                self._waiters.remove(waiter)
 
 
 def backoff_delay(attempt: int, minimum: float, maximum: float, rng=random.random) -> float:
@@ -62,14 +102,14 @@ class ComfyLink:
         self.preview_metadata = preview_metadata
         self.metrics = metrics
         self.running: str | None = None  # this user's prompt that ComfyUI is executing now
-        self.ready = asyncio.Event()  # set once ComfyUI has registered the socket
-        self.settled = asyncio.Event()  # set once the first attempt registered or failed
+        self.ready = Flag()  # set once ComfyUI has registered the socket
+        self.settled = Flag()  # set once the first attempt registered or failed
         self.connections = 0  # successful connects; > 1 means reconnects happened
-        self._conn: WebSocketClientConnection | None = None
+        self._conn: UpstreamSocket | None = None
         self._task: asyncio.Task | None = None
-        self._wake = asyncio.Event()
+        self._wake = Flag()
         self._closing = False
-        self.stopped = asyncio.Event()  # set once close() has finished
+        self.stopped = Flag()  # set once close() has finished
         self.last_status_at = 0.0  # loop time of the last status broadcast received
         self._registered_now = False  # the current socket was registered (for link_down)
         self.registered_at = 0.0  # loop time the current socket was registered
@@ -106,6 +146,12 @@ class ComfyLink:
                 await task
             except asyncio.CancelledError:
                 pass
+        if conn is not None:
+            # Wait briefly for ComfyUI's close frame, then hang up regardless.
+            try:
+                await asyncio.wait_for(conn.wait_closed(), CLOSE_WAIT)
+            except asyncio.TimeoutError:
+                conn.abort()
         self._task = None
         self.ready.clear()
         self.stopped.set()
@@ -135,9 +181,7 @@ class ComfyLink:
                 continue
             attempt = 0
             try:
-                await self._read_loop(conn)
-            except Exception as e:  # a broken stream mid-read: reconnect like any drop
-                log.info("upstream read failed for client %s: %s", self.client_id[:8], e)
+                await conn.wait_closed()  # frames arrive through route() meanwhile
             finally:
                 self.ready.clear()
                 self._conn = None
@@ -156,43 +200,26 @@ class ComfyLink:
         except asyncio.TimeoutError:
             pass
 
-    async def _connect(self) -> WebSocketClientConnection:
-        # Our own request: no Origin (a loopback ComfyUI answers a foreign Origin with 403).
-        request = HTTPRequest(self.backend.ws_url(self.client_id), connect_timeout=self.backend.connect_timeout,
-                              request_timeout=self.backend.connect_timeout)
-        pending = websocket_connect(request, max_message_size=self.max_message_size,
-                                    ping_interval=self.ping_interval, ping_timeout=self.ping_interval)
-        try:
-            conn = await asyncio.shield(pending)
-        except asyncio.CancelledError:
-            # Closing the link mid-handshake: close the socket too if the handshake completes.
-            pending.add_done_callback(_close_if_connected)
-            raise
+    async def _connect(self) -> UpstreamSocket:
+        # A cancel or timeout mid-handshake aborts the socket (wsclient.connect), never leaks it.
+        conn = await wsclient.connect(self.backend.ws_url(self.client_id), on_text=self._on_frame,
+                                      on_binary=self._on_frame, max_message_size=self.max_message_size,
+                                      ping_interval=self.ping_interval, timeout=self.backend.connect_timeout)
         self._conn = conn
         if self.preview_metadata:
             # Must be the socket's first message: type-4 previews then carry their prompt id.
-            try:
-                await conn.write_message(json.dumps({"type": "feature_flags",
-                                                     "data": {"supports_preview_metadata": True}}))
-            except BaseException:  # closed (or cancelled) before it started: release the socket
-                self._conn = None
-                conn.close()
-                raise
+            conn.send_text(json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}}))
         return conn
 
-    async def _read_loop(self, conn: WebSocketClientConnection) -> None:
-        while True:
-            message = await conn.read_message()
-            if message is None:
-                return
-            try:
-                self.route(message)
-            except Exception:  # a bug in routing one frame must not kill the link
-                log.exception("failed to route an upstream frame")
+    def _on_frame(self, message: str | bytes | bytearray) -> None:
+        try:
+            self.route(message)
+        except Exception:  # a bug in routing one frame must not kill the link
+            log.exception("failed to route an upstream frame")
 
     # --- routing ---------------------------------------------------------------------------
-    def route(self, message: str | bytes) -> None:
-        if isinstance(message, bytes):
+    def route(self, message: str | bytes | bytearray) -> None:
+        if not isinstance(message, str):
             self._route_binary(message)
             return
         try:
@@ -224,7 +251,7 @@ class ComfyLink:
                 self.running = None
         self.sink.upstream_event(kind, data, message)
 
-    def _route_binary(self, frame: bytes) -> None:
+    def _route_binary(self, frame: bytes | bytearray) -> None:
         if binary_event_type(frame) == BINARY_PREVIEW_WITH_METADATA:
             meta = preview_metadata(frame)
             prompt_id = meta.get("prompt_id") if meta else None
@@ -243,7 +270,3 @@ class ComfyLink:
         self.settled.set()
         self.sink.link_up(reconnected=self.connections > 1)
 
-
-def _close_if_connected(future) -> None:
-    if not future.cancelled() and future.exception() is None:
-        future.result().close()

@@ -3,7 +3,7 @@ import asyncio
 
 from comfy_ws_proxy.session import TokenBucket, session_expired
 
-from .helpers import FakeClock, ProxyHarness, workflow
+from .helpers import TIMEOUT, FakeClock, ProxyHarness, workflow
 
 
 def test_expiry_is_a_pure_function_of_now():
@@ -73,6 +73,18 @@ async def test_resume_gap_when_the_buffer_no_longer_reaches_back(io_loop):
         await alice.next("prompts_state")
 
 
+async def test_the_resume_buffer_is_bounded_in_bytes_too(io_loop):
+    async with ProxyHarness(resume_buffer_size=500, resume_buffer_bytes=2000) as h:
+        alice = await h.connect("alice")
+        await alice.run(workflow("success"))  # more than 2000 bytes of events
+        session = h.state.registry.sessions["alice"]
+        assert 0 < session.buffer_bytes <= 2000
+        assert session.buffer_bytes == sum(len(text) for _, text in session.buffer)
+        assert session.buffer[-1][0] == session.seq  # the newest are kept
+        complete, missed = session.since(1)
+        assert not complete and missed == [text for _, text in session.buffer]
+
+
 async def test_idle_upstream_socket_is_closed_and_reopened_on_demand(io_loop):
     async with ProxyHarness() as h:
         alice = await h.connect("alice")
@@ -120,3 +132,35 @@ async def test_cleanup_forgets_finished_prompts_after_the_retention(io_loop):
         rows = {r[0] for r in store.db.execute("SELECT prompt_id FROM prompts")}
         assert old not in rows and {new, pending} <= rows
         h.sim.paused = False
+
+
+async def test_clients_are_pinged_and_one_that_stops_answering_is_closed(io_loop):
+    clock = FakeClock()
+    async with ProxyHarness(clock=clock, ws_ping_interval_s=10, ws_ping_timeout_s=5) as h:
+        alice = await h.connect("alice")
+        conn = next(iter(h.state.registry.sessions["alice"].connections))
+        answered = asyncio.get_running_loop().create_future()
+        on_pong = conn.on_pong
+
+        def watched_on_pong(data):
+            on_pong(data)
+            if not answered.done():
+                answered.set_result(True)
+        conn.on_pong = watched_on_pong
+        h.state.pinger.tick()
+        assert conn.ping_sent_at is None  # not due yet
+        clock.advance(10)
+        h.state.pinger.tick()
+        assert conn.ping_sent_at is not None
+        await asyncio.wait_for(answered, TIMEOUT)  # Tornado's client answers pings by itself
+        assert conn.ping_sent_at is None and alice.closed.done() is False
+        conn.on_pong = lambda data: None  # from now on, a peer that never answers
+        clock.advance(10)
+        h.state.pinger.tick()
+        clock.advance(4.9)
+        h.state.pinger.tick()
+        assert not alice.closed.done()
+        clock.advance(0.1)
+        h.state.pinger.tick()
+        assert await asyncio.wait_for(alice.closed, TIMEOUT) == (1001, "ping timed out")
+
