@@ -165,7 +165,7 @@ class Session:
             return True, []
         oldest = self.buffer[0][0] if self.buffer else self.seq + 1
         complete = oldest <= last_seq + 1
-        return complete, [text for seq, text in self.buffer if seq > last_seq]
+        return complete, [text for seq, text in self.buffer or () if seq > last_seq]
 
     def touch(self, now: float) -> None:
         self.last_activity = now

@@ -164,3 +164,15 @@ async def test_clients_are_pinged_and_one_that_stops_answering_is_closed(io_loop
         h.state.pinger.tick()
         assert await asyncio.wait_for(alice.closed, TIMEOUT) == (1001, "ping timed out")
 
+
+
+async def test_resume_before_anything_was_buffered_is_a_gap_not_an_error(io_loop):
+    async with ProxyHarness() as h:
+        alice = await h.connect("alice")
+        session_id = alice.received[0]["data"]["session_id"]  # seq 1, sent to this socket only
+        assert h.state.registry.sessions["alice"].buffer is None
+        alice.send("resume", {"session_id": session_id, "last_seq": 0})
+        gap = await alice.next("resume_gap")
+        assert gap["data"]["reason"] == "buffer_exceeded"
+        await alice.next("prompts_state")
+        assert not [m for m in alice.received if isinstance(m, dict) and m.get("type") == "error"]
