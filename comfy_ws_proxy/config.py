@@ -110,6 +110,8 @@ OPTIONS: tuple[Option, ...] = (
          "Ping clients this often (keep below nginx proxy_read_timeout).", minimum=0),
     _opt("ws_ping_timeout_s", "float", 20.0,
          "Close a client that has not answered a ping within this time (<= ws_ping_interval_s).", minimum=0),
+    _opt("max_concurrent_upgrades", "int", 32,
+         "Upgrades (token check and handshake) in progress at once; the rest wait their turn.", minimum=1),
     _opt("handshake_timeout_ms", "int", 10000, "Time allowed for the upgrade and JWT checks.",
          minimum=1),
     # --- auth -------------------------------------------------------------------------------

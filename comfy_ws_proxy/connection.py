@@ -45,6 +45,7 @@ class ClientConnection(WebSocketHandler):
         self._expiry_handle = None
         self.next_ping_at = 0.0
         self.ping_sent_at: float | None = None  # an unanswered ping
+        self._upgrade_slot = False  # holds one of registry.upgrades until open() starts
 
     # --- the upgrade ------------------------------------------------------------------------------
     async def get(self, *args, **kwargs):
@@ -61,6 +62,23 @@ class ClientConnection(WebSocketHandler):
             self.metrics.auth_failures.labels("too_many_connections_ip").inc()
             return self._refuse(429, ErrorCode.TOO_MANY_CONNECTIONS, "Too many connections from this address")
         token, source = extract_token(self.request.headers, self.request.query, allow_query=s.allow_query_token)
+        # A burst of upgrades (every client reconnecting at once) is let through a few at a
+        # time: each costs ~0.5 ms of CPU (signature check, handshake), and a few hundred run
+        # back to back would stall every other socket's events for as long.
+        await self.registry.upgrades.acquire()
+        self._upgrade_slot = True
+        try:
+            return await self._upgrade(token, source, *args, **kwargs)
+        finally:
+            self._release_upgrade_slot()
+
+    def _release_upgrade_slot(self) -> None:
+        if self._upgrade_slot:
+            self._upgrade_slot = False
+            self.registry.upgrades.release()
+
+    async def _upgrade(self, token, source, *args, **kwargs):
+        s = self.settings_
         try:
             self.identity = await asyncio.wait_for(self.verifier.verify(token), s.handshake_timeout_ms / 1000)
         except AuthError as e:
@@ -100,6 +118,7 @@ class ClientConnection(WebSocketHandler):
 
     # --- the session ---------------------------------------------------------------------------
     async def open(self, *args, **kwargs):
+        self._release_upgrade_slot()  # (get() only returns when the connection ends)
         identity = self.identity
         # The upgrade's headers and query are done with: don't keep them (nor the token in
         # them, nor ~1.5 KiB per connection) for the connection's lifetime. Emptied in place:

@@ -198,6 +198,7 @@ class SessionRegistry:
         self.sessions: dict[str, Session] = {}
         self.by_id: dict[str, Session] = {}
         self.ip_connections: Counter[str] = Counter()
+        self.upgrades = asyncio.Semaphore(settings.max_concurrent_upgrades)  # see ClientConnection.get
         self._cleanup_timer = PeriodicCallback(self.cleanup, settings.cleanup_interval_ms)
         self.accepting = True
 

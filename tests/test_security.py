@@ -267,3 +267,53 @@ async def test_outputs_are_served_only_to_their_owner_and_only_listed_files(io_l
         assert (await h.get(f"/outputs/{prompt_id}")).code == 401                 # no token
         other = "filename=ComfyUI_00001_.png&subfolder=&type=output"               # a guessable name
         assert (await h.get(f"/outputs/{prompt_id}/view?{other}", mine)).code == 404
+
+
+async def test_upgrades_wait_their_turn_and_every_outcome_frees_its_slot(io_loop):
+    """MAX_CONCURRENT_UPGRADES=1: a second upgrade waits while the first checks its token; a
+    refused token and a request that is not an upgrade give their slot back."""
+    loop = asyncio.get_running_loop()
+    async with ProxyHarness(max_concurrent_upgrades=1) as h:
+        events = []
+        alice_inside, release_alice = loop.create_future(), loop.create_future()
+        verify = h.state.verifier.verify
+
+        async def watched_verify(token):
+            user = "alice" if token == alice_token else "bob"
+            events.append(("start", user))
+            if user == "alice":
+                alice_inside.set_result(True)
+                await release_alice
+            identity = await verify(token)
+            events.append(("end", user))
+            return identity
+        h.state.verifier.verify = watched_verify
+        slots = h.state.registry.upgrades
+        acquire, asked = slots.acquire, []
+        bob_asked = loop.create_future()
+
+        async def watched_acquire():
+            asked.append(True)
+            if len(asked) == 2:
+                bob_asked.set_result(True)
+            return await acquire()
+        slots.acquire = watched_acquire
+
+        alice_token = h.token("alice")
+        alice = asyncio.ensure_future(h.connect("alice", token=alice_token))
+        await asyncio.wait_for(alice_inside, TIMEOUT)
+        bob = asyncio.ensure_future(h.connect("bob"))
+        await asyncio.wait_for(bob_asked, TIMEOUT)
+        assert events == [("start", "alice")]  # without the limit bob's check would have begun
+        release_alice.set_result(True)
+        await asyncio.wait_for(asyncio.gather(alice, bob), TIMEOUT)
+        assert events == [("start", "alice"), ("end", "alice"), ("start", "bob"), ("end", "bob")]
+        # A refused token, then a plain GET without the upgrade headers: both give the slot back.
+        refused = await asyncio.wait_for(h.get("/ws", headers={"Authorization": "Bearer garbage"}), TIMEOUT)
+        assert refused.code == 401
+        not_upgrade = await asyncio.wait_for(
+            h.get("/ws", headers={"Authorization": "Bearer " + h.token("carol")}), TIMEOUT)
+        assert not_upgrade.code == 400
+        carol = await h.connect("carol")
+        assert carol.received[0]["data"]["user_id"] == "carol"
+        assert not slots.locked()
