@@ -228,6 +228,68 @@ def rate_source_main(port: int, rate: float, heavy_rate: float, heavy_pad: int) 
     return 0
 
 
+def tcp_relay_main(port: int, upstream_port: int) -> int:
+    """A blind TCP relay in plain asyncio (Protocols, no parsing, no Tornado): what relaying
+    costs CPython at the least. Beside nginx it shows how much of the proxy's CPU per event
+    is the language and its event loop rather than the proxy's own work."""
+
+    scratch = memoryview(bytearray(64 * 1024))  # shared: get_buffer/buffer_updated run back to back
+
+    class Pipe(asyncio.BufferedProtocol):  # (a plain Protocol pays a 256 KiB allocation per recv)
+        def __init__(self, peer=None):
+            self.peer = peer  # the other side's transport
+            self.transport = None
+            self.pending = []
+
+        def connection_made(self, transport):
+            self.transport = transport
+
+        def get_buffer(self, sizehint):
+            return scratch
+
+        def buffer_updated(self, nbytes):
+            data = bytes(scratch[:nbytes])
+            if self.peer is None:
+                self.pending.append(data)
+            else:
+                self.peer.write(data)
+
+        def connection_lost(self, exc):
+            if self.peer is not None:
+                self.peer.close()
+
+    async def run():
+        loop = asyncio.get_running_loop()
+
+        async def connect_upstream(client: Pipe):
+            try:
+                _, up = await loop.create_connection(lambda: Pipe(client.transport), "127.0.0.1", upstream_port)
+            except OSError:
+                client.transport.close()
+                return
+            client.peer = up.transport
+            for chunk in client.pending:
+                up.transport.write(chunk)
+            client.pending = []
+
+        def accept():
+            client = Pipe()
+            loop.call_soon(lambda: asyncio.ensure_future(connect_upstream(client)))
+            return client
+
+        server = await loop.create_server(accept, "127.0.0.1", port)
+        print(f"TCP RELAY listening on 127.0.0.1:{port}", file=sys.stderr, flush=True)
+        async with server:
+            await server.serve_forever()
+
+    raise_nofile()
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 # =============================================================================================
 # Load-client workers: one process each, driven over stdin/stdout with JSON lines.
 #   stdin line 1: the spec; then "GO <t0> <t1>" (wall-clock seconds) or "CLOSE".
@@ -834,73 +896,82 @@ http {{
                 "cpu_user_s": (cpu1[0] - cpu0[0]) if cpu_pid else None,
                 "cpu_sys_s": (cpu1[1] - cpu0[1]) if cpu_pid else None, "rss_samples": rss_samples}
 
-    def relay_paths(self, rate: float):
-        """A rate source streaming ``rate`` events/s per user, the proxy and nginx in front of it."""
-        src, src_port = self.start_rate_source(rate)
-        proxy, proxy_port = self.start_proxy(src_port)
-        ng = self.start_nginx(src_port)
-        ng_worker = None
-        if ng is not None:
-            workers = child_pids(ng[0].pid)
-            ng_worker = workers[0] if len(workers) == 1 else None
-        return src, src_port, proxy, proxy_port, ng, ng_worker
+    def relay_paths(self, rate: float) -> dict:
+        """A rate source streaming ``rate`` events/s per user, and in front of it: the proxy,
+        nginx (if installed) and a blind asyncio TCP relay."""
+        p = {}
+        p["src"], p["src_port"] = self.start_rate_source(rate)
+        p["proxy"], p["proxy_port"] = self.start_proxy(p["src_port"])
+        p["ng"] = self.start_nginx(p["src_port"])
+        p["ng_worker"] = None
+        if p["ng"] is not None:
+            workers = child_pids(p["ng"][0].pid)
+            p["ng_worker"] = workers[0] if len(workers) == 1 else None
+        p["tcp_port"] = free_port()
+        p["tcp"] = Child("asyncio relay", [sys.executable, os.path.abspath(__file__), "--tcp-relay", "--port",
+                                           str(p["tcp_port"]), "--upstream-port", str(p["src_port"])],
+                         env=child_env(), ready=("listening on",))
+        return p
 
-    def relay_segment(self, path: str, tag: str, n: int, src_port: int, proxy_port: int, ng, ng_worker,
-                      proxy_pid: int, duration: float) -> dict:
+    @staticmethod
+    def stop_paths(p: dict) -> None:
+        for c in (p.get("tcp"), p["ng"][0] if p.get("ng") else None, p.get("proxy"), p.get("src")):
+            if c:
+                c.stop()
+
+    def relay_segment(self, path: str, tag: str, n: int, p: dict, duration: float) -> dict:
         if path == "proxy":
             users = [{"token": t} for t in self.tokens(tag, n)]
-            ws_url = f"ws://127.0.0.1:{proxy_port}/ws"
+            ws_url = f"ws://127.0.0.1:{p['proxy_port']}/ws"
         else:
             users = [{"cid": uuid.uuid4().hex} for _ in range(n)]
-            port = src_port if path == "direct" else ng[1]
+            port = {"direct": p["src_port"], "nginx": p["ng"][1] if p["ng"] else None,
+                    "asyncio": p["tcp_port"]}[path]
             ws_url = f"ws://127.0.0.1:{port}/ws"
-        cpu_pid = {"proxy": proxy_pid, "nginx": ng_worker}.get(path)
-        seg = self.stream_segment(path, ws_url, f"http://127.0.0.1:{src_port}/prompt", users, duration,
+        cpu_pid = {"proxy": p["proxy"].pid, "nginx": p["ng_worker"], "asyncio": p["tcp"].pid}.get(path)
+        seg = self.stream_segment(path, ws_url, f"http://127.0.0.1:{p['src_port']}/prompt", users, duration,
                                   cpu_pid=cpu_pid)
-        http_post(src_port, "/bench/stop_all", {})
+        http_post(p["src_port"], "/bench/stop_all", {})
         time.sleep(0.5)
         return seg
 
     def scenario_relay(self) -> None:
         n, m = self.args.users, self.args.rate
         rounds, duration = (1, 3.0) if self.smoke else (3, 10.0)
-        src, src_port, proxy, proxy_port, ng, ng_worker = self.relay_paths(m)
-        if ng is None:
+        p = self.relay_paths(m)
+        if p["ng"] is None:
             self.notes.append("relay: /usr/sbin/nginx not found (or failed): the nginx column is skipped")
-        paths = ["direct", "proxy"] + (["nginx"] if ng else [])
-        segs = {p: [] for p in paths}
+        paths = ["direct", "proxy"] + (["nginx"] if p["ng"] else []) + ["asyncio"]
+        segs = {path: [] for path in paths}
         try:
             for r in range(rounds):
                 order = paths[r % len(paths):] + paths[:r % len(paths)]
                 for path in order:
-                    seg = self.relay_segment(path, f"relay-r{r}", n, src_port, proxy_port, ng, ng_worker,
-                                             proxy.pid, duration)
+                    seg = self.relay_segment(path, f"relay-r{r}", n, p, duration)
                     segs[path].append(seg)
-                    print(f"  relay round {r + 1}/{rounds} {path:6}: p50 {fmt(seg['p50'])} ms, p99 {fmt(seg['p99'])}"
+                    print(f"  relay round {r + 1}/{rounds} {path:7}: p50 {fmt(seg['p50'])} ms, p99 {fmt(seg['p99'])}"
                           f" ms, {seg['rate']:.0f} msg/s, streaming {seg['streaming']}/{n}, errors {seg['errors']}",
                           flush=True)
         finally:
-            for c in (ng[0] if ng else None, proxy, src):
-                if c:
-                    c.stop()
-        self.details["relay"] = {p: [{k: v for k, v in s.items() if k != "rss_samples"} for s in segs[p]]
-                                 for p in paths}
-        med = {p: {k: median([s[k] for s in segs[p]]) for k in ("p50", "p99", "rate")} for p in paths}
+            self.stop_paths(p)
+        self.details["relay"] = {path: [{k: v for k, v in s.items() if k != "rss_samples"} for s in segs[path]]
+                                 for path in paths}
+        med = {path: {k: median([s[k] for s in segs[path]]) for k in ("p50", "p99", "rate")} for path in paths}
         sc = f"1 relay ({n} users x {m:g}/s)"
-        for p in paths:
-            self.row(sc, f"{p}: latency p50 / p99", f"{fmt(med[p]['p50'])} / {fmt(med[p]['p99'])}", "ms")
-        for p in paths[1:]:
-            a50 = _sub(med[p]["p50"], med["direct"]["p50"])
-            a99 = _sub(med[p]["p99"], med["direct"]["p99"])
-            self.row(sc, f"added by {p}: p50", fmt(a50), "ms", "<= 1 ms", _le(a50, 1.0))
-            self.row(sc, f"added by {p}: p99", fmt(a99), "ms", "<= 5 ms", _le(a99, 5.0))
+        for path in paths:
+            self.row(sc, f"{path}: latency p50 / p99", f"{fmt(med[path]['p50'])} / {fmt(med[path]['p99'])}", "ms")
+        for path in paths[1:]:
+            a50 = _sub(med[path]["p50"], med["direct"]["p50"])
+            a99 = _sub(med[path]["p99"], med["direct"]["p99"])
+            self.row(sc, f"added by {path}: p50", fmt(a50), "ms", "<= 1 ms", _le(a50, 1.0))
+            self.row(sc, f"added by {path}: p99", fmt(a99), "ms", "<= 5 ms", _le(a99, 5.0))
         self.row(sc, "relayed through proxy", fmt(med["proxy"]["rate"], 0), "msg/s", f"~{n * m:,.0f} offered",
                  None)
         self.cpu_rows(sc, segs, target=True)
-        errors = sum(s["errors"] for p in paths for s in segs[p])
+        errors = sum(s["errors"] for path in paths for s in segs[path])
         if errors:
             self.notes.append(f"relay: {errors} client errors, e.g. "
-                              f"{[e for p in paths for s in segs[p] for e in s['error_samples']][:2]}")
+                              f"{[e for path in paths for s in segs[path] for e in s['error_samples']][:2]}")
         if self.args.high_rate and not self.smoke:
             self.relay_high_rate(n)
 
@@ -908,21 +979,19 @@ http {{
         """The same relay at a higher offered rate: CPU per message once the loop handles several
         events per wake-up (at 10/s per user nearly every event costs a wake-up of its own)."""
         m = self.args.high_rate
-        src, src_port, proxy, proxy_port, ng, ng_worker = self.relay_paths(m)
-        segs = {"proxy": [], "nginx": []}
+        p = self.relay_paths(m)
+        paths = ["proxy"] + (["nginx"] if p["ng"] else []) + ["asyncio"]
+        segs = {path: [] for path in paths}
         try:
-            for path in ["proxy"] + (["nginx"] if ng else []):
-                seg = self.relay_segment(path, "relay-high", n, src_port, proxy_port, ng, ng_worker, proxy.pid,
-                                         10.0)
+            for path in paths:
+                seg = self.relay_segment(path, "relay-high", n, p, 10.0)
                 segs[path].append(seg)
-                print(f"  relay {m:g}/s per user {path:6}: p50 {fmt(seg['p50'])} ms, p99 {fmt(seg['p99'])} ms, "
+                print(f"  relay {m:g}/s per user {path:7}: p50 {fmt(seg['p50'])} ms, p99 {fmt(seg['p99'])} ms, "
                       f"{seg['rate']:.0f} msg/s", flush=True)
         finally:
-            for c in (ng[0] if ng else None, proxy, src):
-                if c:
-                    c.stop()
-        self.details["relay_high_rate"] = {p: [{k: v for k, v in s.items() if k != "rss_samples"} for s in segs[p]]
-                                           for p in segs}
+            self.stop_paths(p)
+        self.details["relay_high_rate"] = {path: [{k: v for k, v in s.items() if k != "rss_samples"}
+                                                  for s in segs[path]] for path in segs}
         sc = f"1b relay ({n} users x {m:g}/s)"
         self.row(sc, "proxy: latency p50 / p99", f"{fmt(segs['proxy'][0]['p50'])} / {fmt(segs['proxy'][0]['p99'])}",
                  "ms")
@@ -930,9 +999,10 @@ http {{
         self.cpu_rows(sc, segs, target=True)
 
     def cpu_rows(self, sc: str, segs: dict, target: bool) -> None:
-        """CPU per 1,000 messages of the proxy (user / kernel), and of nginx relaying the same
-        stream: nginx's figure is mostly the kernel's loopback work, a floor for any relay."""
-        for path in ("proxy", "nginx"):
+        """CPU per 1,000 messages of the proxy (user + kernel), and of the two blind relays of
+        the same stream: nginx's is mostly the kernel's loopback work, a floor for any relay;
+        the asyncio relay's is the least CPython and its event loop cost for it."""
+        for path in ("proxy", "nginx", "asyncio"):
             runs = [s for s in segs.get(path, []) if s.get("cpu_s") is not None]
             cnt = sum(s["count"] for s in runs)
             if not cnt:
@@ -1308,12 +1378,16 @@ def main() -> int:
     # internal modes
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--rate-source", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--tcp-relay", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--upstream-port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--heavy-rate", type=float, default=200.0, help=argparse.SUPPRESS)
     parser.add_argument("--heavy-pad", type=int, default=4096, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker_main()
+    if args.tcp_relay:
+        return tcp_relay_main(args.port, args.upstream_port)
     if args.rate_source:
         return rate_source_main(args.port, args.rate, args.heavy_rate, args.heavy_pad)
     bench = Bench(args)
