@@ -317,3 +317,40 @@ async def test_upgrades_wait_their_turn_and_every_outcome_frees_its_slot(io_loop
         carol = await h.connect("carol")
         assert carol.received[0]["data"]["user_id"] == "carol"
         assert not slots.locked()
+
+
+async def test_frames_stay_whole_and_in_order_when_the_socket_backs_up(io_loop):
+    """Small frames go to the socket directly while nothing is queued, and through the IOStream
+    once the peer's buffers are full: the client still reads every frame, whole, in order."""
+    async with ProxyHarness(max_outbound_buffer_bytes=16 * 1024 * 1024) as h:
+        reader, writer = await raw_upgrade(h.port, h.token("alice"))
+        session = h.state.registry.sessions["alice"]
+        conn = next(iter(session.connections))
+        for i in range(4000):
+            session.send("filler", {"i": i, "pad": "x" * 1000})
+        assert conn.pending_bytes > 0  # the kernel's buffers filled: later frames were queued
+        seqs, data = [], b""
+
+        async def read_all():
+            nonlocal data
+            while len(seqs) < 4000:
+                chunk = await reader.read(1 << 16)
+                assert chunk, "closed early"
+                data += chunk
+                while len(data) >= 2:
+                    n, start = data[1] & 0x7F, 2
+                    if n == 126:
+                        if len(data) < 4:
+                            break
+                        n, start = struct.unpack(">H", data[2:4])[0], 4
+                    if len(data) < start + n:
+                        break
+                    assert data[0] == 0x81  # final text frame
+                    message = json.loads(data[start:start + n])
+                    if message["type"] == "filler":
+                        assert message["data"]["i"] == len(seqs)
+                        seqs.append(message["seq"])
+                    data = data[start + n:]
+        await asyncio.wait_for(read_all(), TIMEOUT)
+        assert seqs == list(range(seqs[0], seqs[0] + 4000))
+        writer.close()
