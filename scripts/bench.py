@@ -903,15 +903,23 @@ http {{
         p["src"], p["src_port"] = self.start_rate_source(rate)
         p["proxy"], p["proxy_port"] = self.start_proxy(p["src_port"])
         p["ng"] = self.start_nginx(p["src_port"])
-        p["ng_worker"] = None
-        if p["ng"] is not None:
-            workers = child_pids(p["ng"][0].pid)
-            p["ng_worker"] = workers[0] if len(workers) == 1 else None
         p["tcp_port"] = free_port()
         p["tcp"] = Child("asyncio relay", [sys.executable, os.path.abspath(__file__), "--tcp-relay", "--port",
                                            str(p["tcp_port"]), "--upstream-port", str(p["src_port"])],
                          env=child_env(), ready=("listening on",))
         return p
+
+    @staticmethod
+    def nginx_worker(ng) -> int | None:
+        """The pid of nginx's single worker (forked after its master printed it started)."""
+        if ng is None:
+            return None
+        for _ in range(50):
+            workers = child_pids(ng[0].pid)
+            if len(workers) == 1:
+                return workers[0]
+            time.sleep(0.1)
+        return None
 
     @staticmethod
     def stop_paths(p: dict) -> None:
@@ -928,7 +936,7 @@ http {{
             port = {"direct": p["src_port"], "nginx": p["ng"][1] if p["ng"] else None,
                     "asyncio": p["tcp_port"]}[path]
             ws_url = f"ws://127.0.0.1:{port}/ws"
-        cpu_pid = {"proxy": p["proxy"].pid, "nginx": p["ng_worker"], "asyncio": p["tcp"].pid}.get(path)
+        cpu_pid = {"proxy": p["proxy"].pid, "nginx": self.nginx_worker(p["ng"]), "asyncio": p["tcp"].pid}.get(path)
         seg = self.stream_segment(path, ws_url, f"http://127.0.0.1:{p['src_port']}/prompt", users, duration,
                                   cpu_pid=cpu_pid)
         http_post(p["src_port"], "/bench/stop_all", {})
