@@ -324,8 +324,7 @@ class UpstreamSocket(asyncio.BufferedProtocol):
 
 
 async def connect(url: str, *, on_text: Callable[[str], None], on_binary: Callable[[bytes | bytearray], None],
-                  max_message_size: int, ping_interval: float | None, timeout: float,
-                  ssl_context: ssl.SSLContext | None = None) -> UpstreamSocket:
+                  max_message_size: int, ping_interval: float | None, timeout: float) -> UpstreamSocket:
     """Open ``ws://`` or ``wss://`` ``url``; raises OSError, HandshakeError or TimeoutError."""
     parts = urlsplit(url)
     secure = parts.scheme in ("wss", "https")
@@ -345,7 +344,7 @@ async def connect(url: str, *, on_text: Callable[[str], None], on_binary: Callab
 
     async def open_and_upgrade() -> None:
         await loop.create_connection(lambda: sock, host, port,
-                                     ssl=(ssl_context or ssl.create_default_context()) if secure else None)
+                                     ssl=ssl.create_default_context() if secure else None)
         await sock.opened
 
     try:

@@ -716,10 +716,6 @@ def proc_cpu_split(pid: int) -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
-def proc_cpu(pid: int) -> float:
-    return sum(proc_cpu_split(pid))
-
-
 def child_pids(pid: int) -> list[int]:
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
