@@ -1,5 +1,5 @@
 """The ComfyUI simulator held against the recordings of a real ComfyUI 0.3.64
-(shared/comfyui/transcripts; where the recordings and PROTOCOL.md disagree, the recordings
+(tests/transcripts, copied from shared/comfyui/transcripts; where the recordings and PROTOCOL.md disagree, the recordings
 are right), then its fault injection.
 
 Each scenario test drives the simulator the way the recorder drove ComfyUI, with the
@@ -33,10 +33,10 @@ from comfy_ws_proxy.testing.comfyui import ComfySimulator
 
 TIMEOUT = 10
 HERE = os.path.dirname(os.path.abspath(__file__))
-TRANSCRIPTS = os.environ.get("COMFYUI_TRANSCRIPTS") or os.path.normpath(
-    os.path.join(HERE, "..", "..", "shared", "comfyui", "transcripts"))
+# The recordings of a real ComfyUI 0.3.64 travel with the project (copied from
+# ../shared/comfyui/transcripts), so a fresh clone runs every test below.
+TRANSCRIPTS = os.path.join(HERE, "transcripts")
 WORKFLOWS = os.path.join(HERE, "..", "comfy_ws_proxy", "testing", "workflows")
-recordings = pytest.mark.skipif(not os.path.isdir(TRANSCRIPTS), reason="shared/comfyui/transcripts not found")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -300,7 +300,6 @@ def assert_same_keys(name: str, sockets: list[Socket]) -> None:
 
 # --- scenarios of one prompt ----------------------------------------------------------------
 
-@recordings
 @pytest.mark.parametrize("name, flags", [("success", False), ("success_ws", False), ("success_ws_meta", True),
                                          ("large_binary", False), ("long_running", False)])
 async def test_one_prompt_matches_the_recording(io_loop, name, flags):
@@ -343,7 +342,6 @@ async def test_one_prompt_matches_the_recording(io_loop, name, flags):
                 assert png[:24] == bytes.fromhex(view["head_hex"])[:24]  # PNG, IHDR, width, height
 
 
-@recordings
 async def test_cached_rerun_matches_the_recording(io_loop):
     async with Env() as env:
         client_id = str(uuid.uuid4())
@@ -364,7 +362,6 @@ async def test_cached_rerun_matches_the_recording(io_loop):
         assert env.sim.execution_counts[first["prompt_id"]] == env.sim.execution_counts[second["prompt_id"]] == 1
 
 
-@recordings
 async def test_server_assigned_sid_matches_the_recording(io_loop):
     async with Env() as env:
         a = await env.connect("A")
@@ -378,7 +375,6 @@ async def test_server_assigned_sid_matches_the_recording(io_loop):
 
 # --- errors ---------------------------------------------------------------------------------
 
-@recordings
 async def test_validation_failures_match_the_recording(io_loop):
     async with Env() as env:
         client_id = str(uuid.uuid4())
@@ -416,7 +412,6 @@ async def test_a_partly_valid_prompt_runs_its_valid_outputs(io_loop):
         assert history[answer["prompt_id"]]["prompt"][4] == ["7"]
 
 
-@recordings
 async def test_exec_fail_matches_the_recording(io_loop):
     async with Env() as env:
         client_id = str(uuid.uuid4())
@@ -432,7 +427,6 @@ async def test_exec_fail_matches_the_recording(io_loop):
         assert normalize_history(history[answer["prompt_id"]]) == normalize_history(recorded_history("exec_fail"))
 
 
-@recordings
 async def test_interrupt_matches_the_recording(io_loop):
     async with Env() as env:
         client_id = str(uuid.uuid4())
@@ -496,7 +490,6 @@ def normalize_queue(queue: dict, first_number: float) -> dict:
     return {key: [item(entry) for entry in queue[key]] for key in ("queue_running", "queue_pending")}
 
 
-@recordings
 async def test_queue_ops_match_the_recording(io_loop):
     async with Env() as env:
         client_id = str(uuid.uuid4())
@@ -557,7 +550,6 @@ async def test_queue_clear_history_paging_and_client_prompt_ids(io_loop):
 
 # --- routing between sockets ----------------------------------------------------------------
 
-@recordings
 async def test_two_clients_match_the_recording(io_loop):
     async with Env() as env:
         ca, cb = str(uuid.uuid4()), str(uuid.uuid4())
@@ -574,7 +566,6 @@ async def test_two_clients_match_the_recording(io_loop):
         assert b.tokens == recorded_tokens("two_clients", "B")  # statuses, and A's TEXT frame (a leak)
 
 
-@recordings
 async def test_no_client_id_matches_the_recording(io_loop):
     async with Env() as env:
         a = await env.connect("A", str(uuid.uuid4()))
@@ -597,7 +588,6 @@ async def test_no_client_id_matches_the_recording(io_loop):
             [normalize_history(recorded_history("no_client_id", i)) for i in range(4)]
 
 
-@recordings
 async def test_reconnect_matches_the_recording(io_loop):
     async with Env() as env:
         client_id = str(uuid.uuid4())
@@ -615,7 +605,6 @@ async def test_reconnect_matches_the_recording(io_loop):
         assert a2.tokens == recorded_tokens("reconnect", "A2")
 
 
-@recordings
 async def test_duplicate_client_id_matches_the_recording(io_loop):
     async with Env() as env:
         client_id = str(uuid.uuid4())
@@ -658,7 +647,6 @@ async def test_feature_flags_count_only_as_the_first_valid_text_frame(io_loop):
 
 # --- HTTP -----------------------------------------------------------------------------------
 
-@recordings
 async def test_http_basics_match_the_recording(io_loop):
     async with Env() as env:
         for record in http_records("http_basics", "GET"):
