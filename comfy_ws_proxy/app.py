@@ -13,16 +13,22 @@ from tornado.httpclient import AsyncHTTPClient
 from tornado.ioloop import PeriodicCallback
 
 from . import __version__
+from .api.demo import DemoHandler, DemoWorkflowHandler
+from .api.ops import HealthHandler, LiveHandler, MetricsHandler, PrometheusHandler, ReadyHandler, snapshot
+from .api.outputs import OutputsHandler
 from .auth import build_verifier
-from .backend import Backend, BackendPool
-from .breaker import CircuitBreaker
-from .connection import ClientConnection, ClientPinger
-from .dispatch import PromptService
+from .backends.backend import Backend
+from .backends.breaker import CircuitBreaker
+from .backends.links import LinkManager
+from .backends.pool import BackendPool
+from .gateway.connection import ClientConnection, ClientPinger
+from .gateway.session import SessionRegistry
+from .jobs.queue import JobQueue
+from .jobs.reconcile import Reconciler
+from .jobs.service import JobService
+from .jobs.tracker import JobTracker
 from .metrics import Metrics
-from .session import SessionRegistry
-from .store import Store
-from .web import (DemoHandler, DemoWorkflowHandler, HealthHandler, LiveHandler, MetricsHandler, OutputsHandler,
-                  PrometheusHandler, ReadyHandler, snapshot)
+from .store import open_store
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("comfy_ws_proxy.access")
@@ -53,10 +59,11 @@ class LoopLagMonitor:
 
 
 class ProxyState:
-    """Every long-lived object of one proxy, built once and passed to handlers."""
+    """Every long-lived object of one proxy, built once, in dependency order (store and
+    backends, then the jobs, then the faces), started and stopped in a fixed order."""
 
     def __init__(self, settings, *, clock: Callable[[], float] = time.monotonic,
-                 http_client: AsyncHTTPClient | None = None):
+                 wall: Callable[[], float] = time.time, http_client: AsyncHTTPClient | None = None):
         self.settings = settings
         self.clock = clock
         self.version = __version__
@@ -73,17 +80,25 @@ class ProxyState:
                           probe_interval_ms=min(500, settings.breaker_open_ms))
         self.metrics.set_breaker(backend.name, backend.breaker.state.value)
         backend.add_breaker_listener(lambda old, new: self._breaker_changed(backend.name, new.value))
-        self.pool = BackendPool([backend])
-        self.store = Store(settings.store_path)
-        self.registry = SessionRegistry(settings, self.pool, self.store, self.metrics, clock)
-        self.prompts = PromptService(self.registry, self.store, self.pool, self.metrics, settings, clock)
-        self.registry.prompts = self.prompts
+        self.pool = BackendPool([backend], queue_depth=settings.backend_queue_depth)
+        self.store = open_store(settings.store_path)
+        # the domain
+        self.tracker = JobTracker(self.store, self.metrics, clock, wall)
+        self.links = LinkManager(settings, self.store.client_id, self.tracker, self.metrics)
+        self.queue = JobQueue(self.tracker, self.pool, self.links, self.metrics, clock)
+        self.reconciler = Reconciler(self.tracker, self.queue, self.pool, self.links, settings, clock)
+        self.service = JobService(self.tracker, self.queue, self.reconciler, self.pool, self.links, self.metrics,
+                                  settings, clock)
+        # the WebSocket face
+        self.registry = SessionRegistry(settings, self.service, self.metrics, clock)
+        # A link is kept while its user has a socket open or a job not yet finished.
+        self.links.keep = lambda owner, backend: self.registry.connected(owner) or self.tracker.has_unfinished(owner)
         self.verifier = build_verifier(settings, self.http,
                                        on_jwks_fetch=lambda outcome: self.metrics.jwks_fetches.labels(outcome).inc())
         self.lag_monitor = LoopLagMonitor(self.metrics, settings.loop_lag_interval_ms / 1000)
         self.pinger = ClientPinger(self.registry, settings)
         self.started = False
-        self.metrics.queued_prompts.set(sum(self.store.queue_sizes().values()))
+        self.metrics.queued_prompts.set(len(self.queue.fair))
 
     def _breaker_changed(self, backend: str, state: str) -> None:
         self.metrics.set_breaker(backend, state)
@@ -100,8 +115,11 @@ class ProxyState:
         return {"app_state": self}
 
     def ws_kwargs(self) -> dict:
-        return {"registry": self.registry, "prompts": self.prompts, "verifier": self.verifier,
-                "settings": self.settings, "metrics": self.metrics, "app_state": self}
+        return {"registry": self.registry, "service": self.service, "verifier": self.verifier,
+                "settings": self.settings, "metrics": self.metrics}
+
+    def user_kwargs(self) -> dict:
+        return {"verifier": self.verifier, "metrics": self.metrics}
 
     # --- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -113,7 +131,7 @@ class ProxyState:
             log.warning("!!! NO_VERIFY=true: tokens are NOT verified; anyone can be any user. Development only !!!")
         self.pool.start()
         self.registry.start()
-        self.prompts.start()
+        self.service.start()
         self.lag_monitor.start()
         self.pinger.start()
 
@@ -128,10 +146,10 @@ class ProxyState:
         await asyncio.gather(*(b.wait_idle(grace) for b in self.pool))
         self.lag_monitor.stop()
         self.pinger.stop()
-        self.prompts.stop()
+        self.service.stop()
         self.registry.stop()
         self.pool.stop()
-        await self.registry.close_links()
+        await self.links.close_all()
         self.store.close()
         if self._own_http:
             self.http.close()
@@ -143,10 +161,10 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
     request = handler.request
     status = handler.get_status()
     duration = request.request_time()
-    state = getattr(handler, "app_state", None)
-    if state is not None:
+    metrics = getattr(handler, "metrics", None)
+    if isinstance(metrics, Metrics):
         name = type(handler).__name__.replace("Handler", "").lower()
-        state.metrics.http_duration.labels(name, request.method, str(status)).observe(duration)
+        metrics.http_duration.labels(name, request.method, str(status)).observe(duration)
     level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
     access_log.log(level, "%d %s %s %s %.1fms", status, request.method, request.path, request.remote_ip,
                    1000 * duration)
@@ -162,7 +180,8 @@ def routes(state: ProxyState, prefix: str = "") -> list:
         (prefix + r"/ready", ReadyHandler, kw),
         (prefix + r"/metrics", MetricsHandler, kw),
         (prefix + r"/metrics/prometheus", PrometheusHandler, kw),
-        (prefix + r"/outputs/([0-9a-f-]{36})(?:/(view))?", OutputsHandler, kw),
+        (prefix + r"/outputs/([0-9a-f-]{36})(?:/(view))?", OutputsHandler,
+         {**state.user_kwargs(), "service": state.service, "pool": state.pool}),
     ] + ([
         (prefix + r"/demo", DemoHandler, kw),
         (prefix + r"/demo/workflows/([a-z0-9-]+)\.json", DemoWorkflowHandler, kw),

@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
-from .protocol import BEARER_PREFIX
-
 log = logging.getLogger(__name__)
+
+BEARER_PREFIX = "bearer."  # the browser subprotocol form of a token: "bearer.<jwt>"
 
 MAX_TOKEN_LENGTH = 8192
 MAX_SUB_LENGTH = 256

@@ -73,8 +73,21 @@ OPTIONS: tuple[Option, ...] = (
          "Ping ComfyUI's WebSocket this often (ComfyUI never pings) to detect dead sockets.", minimum=0),
     _opt("upstream_reconnect_min_ms", "int", 250, "First upstream reconnect delay.", minimum=1),
     _opt("upstream_reconnect_max_ms", "int", 30000, "Cap of the upstream reconnect delay.", minimum=1),
+    _opt("upstream_deaf_after_s", "float", 5.0,
+         "An upstream socket that saw no status broadcast this long after an accepted POST no longer "
+         "receives (a reused client id): it is reconnected and its jobs reconciled.", minimum=0.01),
     _opt("upstream_preview_metadata", "bool", True,
          "Ask ComfyUI for type-4 previews (they carry the prompt id, so routing is exact)."),
+    # --- jobs -------------------------------------------------------------------------------
+    _opt("job_watchdog_s", "float", 30.0,
+         "Ask ComfyUI (/history, /queue) about a job it holds that has not been heard from for this long.",
+         minimum=0.1),
+    _opt("job_execution_timeout_s", "float", 0.0,
+         "Execution time limit of a job (seconds from execution_start; 0: none). A job past it is "
+         "interrupted and ends timed_out; a request's own timeout_s may only lower it.", minimum=0),
+    _opt("backend_queue_depth", "int", 0,
+         "Jobs of ours one ComfyUI may hold at once (running plus waiting in its queue); the rest wait, "
+         "fairly, in the proxy. 0: no limit.", minimum=0),
     # --- circuit breaker --------------------------------------------------------------------
     _opt("breaker_failure_threshold", "int", 5, "Consecutive failures that open the breaker.", minimum=1),
     _opt("breaker_open_ms", "int", 5000, "First open period before a half-open probe.", minimum=1),

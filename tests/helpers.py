@@ -34,6 +34,18 @@ def workflow(name: str) -> dict:
         return json.load(f)
 
 
+def job_finished(state, job_id: str) -> asyncio.Future:
+    """A future resolved with the job once the tracker has finished it."""
+    future = asyncio.get_running_loop().create_future()
+
+    def listener(job, old):
+        if job.job_id == job_id and job.finished and not future.done():
+            future.set_result(job)
+    state.tracker.listeners.append(listener)
+    future.add_done_callback(lambda _: state.tracker.listeners.remove(listener))
+    return future
+
+
 class FakeClock:
     """An injected monotonic clock that tests move by hand."""
 

@@ -1,5 +1,5 @@
 """CircuitBreaker: explicit states, pure time math on a fake clock, no sleeps."""
-from comfy_ws_proxy.breaker import BreakerState, CircuitBreaker
+from comfy_ws_proxy.backends.breaker import BreakerState, CircuitBreaker
 
 C, O, H = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
 

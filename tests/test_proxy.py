@@ -5,7 +5,7 @@ import json
 import struct
 import uuid
 
-from comfy_ws_proxy.protocol import CloseCode
+from comfy_ws_proxy.gateway.protocol import CloseCode
 
 from .helpers import ProxyHarness, workflow
 

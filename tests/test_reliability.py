@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from comfy_ws_proxy.breaker import BreakerState
+from comfy_ws_proxy.backends.breaker import BreakerState
 
 from .helpers import TIMEOUT, ProxyHarness, workflow
 
@@ -89,7 +89,7 @@ async def test_fair_round_robin_across_users_when_comfyui_returns(io_loop):
         await h.sim.come_up()
         await accepted_by_comfy(alice, ids["alice"])
         await accepted_by_comfy(bob, ids["bob"])
-        owners = [h.state.store.owner(item[1]) for item in sorted(
+        owners = [h.state.tracker.get(item[1]).owner for item in sorted(
             (await _queue(h))["queue_pending"], key=lambda item: item[0])]
         h.sim.paused = False
         assert owners[:2] in (["alice", "bob"], ["bob", "alice"])
@@ -190,29 +190,29 @@ async def test_cancel_running_pending_and_queued_and_only_own(io_loop):
         alice.send("cancel", {"prompt_id": queued})
         await alice.next("prompt_cancelled", lambda m: m["data"]["prompt_id"] == queued)
         await h.sim.come_up()
-        assert h.state.store.get(queued).state == "cancelled"
+        assert h.state.tracker.get(queued).state == "cancelled"
 
 
 async def test_the_proxy_settles_once_nothing_is_left_to_send_or_find_out(io_loop):
     async with ProxyHarness() as h:
         alice = await h.connect("alice")
-        prompts = h.state.prompts
-        assert prompts.settled()
+        service = h.state.service
+        assert service.settled()
         h.sim.http_error_status = 500  # the POST fails; the upstream socket stays up
         reply = await alice.submit(workflow("success"))
         assert reply["data"]["queued"] is True
-        assert h.state.registry.sessions["alice"].link.ready.is_set()
+        assert h.state.links.ready("alice", "default")
         assert h.state.pool.default.breaker.state is BreakerState.CLOSED
-        assert not prompts.settled()  # only the prompt waiting in the proxy's queue holds it
+        assert not service.settled()  # only the prompt waiting in the proxy's queue holds it
         with pytest.raises(asyncio.TimeoutError):
-            await prompts.wait_settled(0.05)
-        assert not prompts._settled_waiters  # a waiter that timed out is not kept
-        settled = asyncio.ensure_future(prompts.wait_settled(TIMEOUT))
+            await service.wait_settled(0.05)
+        assert not service._settled_waiters  # a waiter that timed out is not kept
+        settled = asyncio.ensure_future(service.wait_settled(TIMEOUT))
         h.sim.http_error_status = None
         await settled
-        record = h.state.store.get(reply["data"]["prompt_id"])
+        record = h.state.tracker.get(reply["data"]["prompt_id"])
         assert record.state in ("pending", "running", "success")  # ComfyUI took it
-        assert not record.outcome_unknown and h.state.registry.sessions["alice"].link.ready.is_set()
+        assert not record.outcome_unknown and h.state.links.ready("alice", "default")
 
 
 async def first_message(client, where, timeout=TIMEOUT) -> dict:
@@ -236,7 +236,7 @@ async def hear_outcome(h, client, prompt_id, timeout=TIMEOUT) -> None:
         await first_message(client, lambda m: m.get("type") in FINALS and m["data"].get("prompt_id") == prompt_id,
                             timeout)
     except asyncio.TimeoutError:
-        record = h.state.store.get(prompt_id)
+        record = h.state.tracker.get(prompt_id)
         raise AssertionError(f"{client.user} never heard of {prompt_id}: proxy state "
                              f"{record.state if record else None}, executions "
                              f"{h.sim.execution_counts[prompt_id]}, completions "
@@ -275,8 +275,8 @@ async def test_chaos_every_prompt_runs_exactly_once_and_every_owner_hears(io_loo
                 # is milliseconds of a prompt's seconds; on the simulator prompts take a
                 # millisecond, so first let ComfyUI finish and every outcome reach its owner.
                 await h.sim.wait_idle()
-                for record in h.state.store.unfinished():
-                    await hear_outcome(h, by_user[record.user_id], record.prompt_id)
+                for job in h.state.tracker.unfinished():
+                    await hear_outcome(h, by_user[job.owner], job.job_id)
                 h.sim.paused = True
             elif fault == "http_500":
                 h.sim.http_error_status = 500
@@ -301,7 +301,7 @@ async def test_chaos_every_prompt_runs_exactly_once_and_every_owner_hears(io_loo
             if fault == "go_down":
                 await h.sim.come_up()
             try:
-                await h.state.prompts.wait_settled(TIMEOUT)
+                await h.state.service.wait_settled(TIMEOUT)
             except asyncio.TimeoutError:
                 raise AssertionError(f"round {round_no} ({fault}): the proxy did not settle") from None
         assert submitted == 200

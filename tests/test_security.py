@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from comfy_ws_proxy.protocol import CloseCode
+from comfy_ws_proxy.gateway.protocol import CloseCode
 
 from .helpers import TIMEOUT, ProxyHarness, workflow
 
@@ -327,7 +327,7 @@ async def test_frames_stay_whole_and_in_order_when_the_socket_backs_up(io_loop):
         session = h.state.registry.sessions["alice"]
         conn = next(iter(session.connections))
         for i in range(4000):
-            session.send("filler", {"i": i, "pad": "x" * 1000})
+            session.broadcast("filler", {"i": i, "pad": "x" * 1000})
         assert conn.pending_bytes > 0  # the kernel's buffers filled: later frames were queued
         seqs, data = [], b""
 

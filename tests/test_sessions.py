@@ -1,17 +1,17 @@
 """Session lifecycle: expiry as a pure function, cleanup with a fake clock, resume buffers."""
 import asyncio
 
-from comfy_ws_proxy.session import TokenBucket, session_expired
+from comfy_ws_proxy.gateway.session import session_expired
+from comfy_ws_proxy.jobs.service import TokenBucket
 
-from .helpers import TIMEOUT, FakeClock, ProxyHarness, workflow
+from .helpers import TIMEOUT, FakeClock, ProxyHarness, job_finished, workflow
 
 
 def test_expiry_is_a_pure_function_of_now():
-    base = dict(last_activity=100.0, timeout=1800.0, connections=0, unfinished_prompts=0)
+    base = dict(last_activity=100.0, timeout=1800.0, connections=0)
     assert not session_expired(now=1899.9, **base)
     assert session_expired(now=1900.0, **base)
     assert not session_expired(now=10_000, **dict(base, connections=1))
-    assert not session_expired(now=10_000, **dict(base, unfinished_prompts=1))
 
 
 def test_token_bucket_refills_at_its_rate():
@@ -79,10 +79,10 @@ async def test_the_resume_buffer_is_bounded_in_bytes_too(io_loop):
         await alice.run(workflow("success"))  # more than 2000 bytes of events
         session = h.state.registry.sessions["alice"]
         assert 0 < session.buffer_bytes <= 2000
-        assert session.buffer_bytes == sum(len(text) for _, text in session.buffer)
+        assert session.buffer_bytes == sum(len(text) for _, text, _ in session.buffer)
         assert session.buffer[-1][0] == session.seq  # the newest are kept
         complete, missed = session.since(1)
-        assert not complete and missed == [text for _, text in session.buffer]
+        assert not complete and missed == [text for _, text, _ in session.buffer]
 
 
 async def test_idle_upstream_socket_is_closed_and_reopened_on_demand(io_loop):
@@ -90,31 +90,51 @@ async def test_idle_upstream_socket_is_closed_and_reopened_on_demand(io_loop):
         alice = await h.connect("alice")
         await alice.run(workflow("success"))
         session = h.state.registry.sessions["alice"]
-        link = session.link
-        client_id = session.client_id
+        link = h.state.links.get("alice", "default")
+        client_id = link.client_id
         assert h.sim.ws_clients.get(client_id) == 1
         await alice.close()
         await asyncio.wait_for(link.stopped.wait(), 10)
-        assert session.link is None                       # nothing pending, nobody connected
+        assert h.state.links.get("alice", "default") is None  # nothing pending, nobody connected
         assert "alice" in h.state.registry.sessions        # the session itself lives on (resume)
         again = await h.connect("alice")
         assert again.received[0]["data"]["session_id"] == session.session_id
-        assert session.link is not None and session.link.ready.is_set()
+        link = h.state.links.get("alice", "default")
+        assert link is not None and link.ready.is_set()
+        assert link.client_id == client_id  # the pair's client id is durable
         _, outcome = await again.run(workflow("success-ws"))
         assert outcome == "execution_success"
 
 
-async def test_a_session_with_a_pending_prompt_is_not_expired(io_loop):
+async def test_a_session_expires_but_its_users_jobs_live_on_and_their_outcome_is_owed(io_loop):
+    """Jobs are not the session's: it expires on its own clock, the link stays while a job
+    of its user is unfinished, and the outcome reaches the user when they come back."""
     clock = FakeClock()
     async with ProxyHarness(clock=clock, session_timeout_ms=1000) as h:
         alice = await h.connect("alice")
         h.sim.paused = True
-        await alice.submit(workflow("success"))
+        prompt_id = (await alice.submit(workflow("success")))["data"]["prompt_id"]
         await alice.close()
         clock.advance(3600)
-        assert h.state.registry.cleanup() == []
-        assert h.state.registry.sessions["alice"].link is not None  # kept for the pending prompt
+        assert [s.user_id for s in h.state.registry.cleanup()] == ["alice"]
+        link = h.state.links.get("alice", "default")
+        assert link is not None and link.ready.is_set()  # kept for the pending prompt
+        finished = job_finished(h.state, prompt_id)
         h.sim.paused = False
+        job = await asyncio.wait_for(finished, TIMEOUT)
+        assert job.state == "success" and not job.told  # nobody was there to hear it
+        await asyncio.wait_for(link.stopped.wait(), TIMEOUT)  # not wanted any more
+        back = await h.connect("alice")
+        final = await back.next("execution_success", lambda m: m["data"]["prompt_id"] == prompt_id)
+        assert final["replayed"] is True
+        assert h.state.tracker.get(prompt_id).told
+        executed = [m for m in back.json_messages() if m["type"] == "executed"]
+        assert [m["data"]["node"] for m in executed] == list(job.outputs)  # the outputs, before it
+        await back.close()
+        third = await h.connect("alice")
+        third.send("ping")
+        await third.next("pong")
+        assert not [m for m in third.json_messages() if m["type"] == "execution_success"]  # told once
 
 
 async def test_cleanup_forgets_finished_prompts_after_the_retention(io_loop):
@@ -124,12 +144,12 @@ async def test_cleanup_forgets_finished_prompts_after_the_retention(io_loop):
         new, _ = await alice.run(workflow("success-ws"))
         h.sim.paused = True
         pending = (await alice.submit(workflow("long-running")))["data"]["prompt_id"]
-        store = h.state.store
-        store.get(old).updated_at -= 7200               # finished two hours ago
-        store.get(pending).updated_at -= 7200           # unfinished: kept whatever its age
-        h.state.registry.cleanup()
-        assert store.get(old) is None and store.get(new) is not None and store.get(pending) is not None
-        rows = {r[0] for r in store.db.execute("SELECT prompt_id FROM prompts")}
+        tracker = h.state.tracker
+        tracker.get(old).updated_at -= 7200               # finished two hours ago
+        tracker.get(pending).updated_at -= 7200           # unfinished: kept whatever its age
+        assert h.state.service.cleanup() == 1
+        assert tracker.get(old) is None and tracker.get(new) is not None and tracker.get(pending) is not None
+        rows = {r[0] for r in h.state.store.db.execute("SELECT prompt_id FROM prompts")}
         assert old not in rows and {new, pending} <= rows
         h.sim.paused = False
 

@@ -14,7 +14,7 @@ from tornado.netutil import bind_sockets
 from tornado.web import Application
 from tornado.websocket import WebSocketHandler
 
-from comfy_ws_proxy import wsclient
+from comfy_ws_proxy.backends import wsclient
 from comfy_ws_proxy.wsframes import OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_TEXT
 
 TIMEOUT = 10

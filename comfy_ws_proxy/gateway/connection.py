@@ -1,5 +1,5 @@
 """ClientConnection: one client WebSocket. Authenticates before the upgrade, then turns
-client messages into session calls and writes what the session sends, within a bounded
+client messages into job service calls and writes what the session sends, within a bounded
 outbound budget (a client that stops reading is closed; it never makes the proxy buffer
 without bound, nor slows the upstream read loop or other users).
 """
@@ -17,11 +17,13 @@ from tornado.ioloop import PeriodicCallback
 from tornado.iostream import IOStream, StreamClosedError
 from tornado.websocket import WebSocketHandler
 
-from .auth import AuthError, Identity, TokenVerifier, extract_token, requested_subprotocols
-from .metrics import Metrics
-from .protocol import (SUBPROTOCOL, Cancel, CloseCode, ErrorCode, Ping, ProtocolError, Resume, SubmitPrompt,
-                       parse_client_message)
-from .wsframes import OP_BINARY, OP_TEXT, frame_header
+from ..auth import AuthError, Identity, TokenVerifier, extract_token, requested_subprotocols
+from ..jobs.service import JobService
+from ..metrics import Metrics
+from ..model import ErrorCode, RequestError, SubmitRequest
+from ..wsframes import OP_BINARY, OP_TEXT, frame_header
+from .protocol import SUBPROTOCOL, Cancel, CloseCode, Ping, Resume, parse_client_message
+from .session import SessionRegistry
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +31,13 @@ INLINE_MAX = 2048  # payloads up to this size are copied into one write with the
 
 
 class ClientConnection(WebSocketHandler):
-    def initialize(self, registry, prompts, verifier: TokenVerifier, settings, metrics: Metrics, app_state):
+    def initialize(self, registry: SessionRegistry, service: JobService, verifier: TokenVerifier, settings,
+                   metrics: Metrics):
         self.registry = registry
-        self.prompts = prompts
+        self.service = service
         self.verifier = verifier
         self.settings_ = settings
         self.metrics = metrics
-        self.app_state = app_state
         self.identity: Identity | None = None
         self.session = None
         self.ip = "unknown"
@@ -46,6 +48,7 @@ class ClientConnection(WebSocketHandler):
         self.next_ping_at = 0.0
         self.ping_sent_at: float | None = None  # an unanswered ping
         self._upgrade_slot = False  # holds one of registry.upgrades until open() starts
+        self.replayed: list[str] = []  # jobs whose owed outcome this connection got at open
 
     # --- the upgrade ------------------------------------------------------------------------------
     async def get(self, *args, **kwargs):
@@ -130,7 +133,7 @@ class ClientConnection(WebSocketHandler):
         request.arguments.clear()
         try:
             self.session = self.registry.attach(self, identity.user_id, self.ip)
-        except ProtocolError as e:
+        except RequestError as e:
             self.metrics.client_errors.labels(e.code).inc()
             self._write(json.dumps({"type": "error", "data": e.to_data(), "seq": 0}), "error")
             self.close(CloseCode.TOO_MANY_CONNECTIONS, e.message)
@@ -144,16 +147,18 @@ class ClientConnection(WebSocketHandler):
             self._expiry_handle = asyncio.get_running_loop().call_later(delay, self._token_expired)
         # Wait for the upstream socket (Tornado reads no client frame before open() returns),
         # but not for long: when ComfyUI is down the client is accepted and told so.
-        link = session.link
-        ready = link is None or await link.wait_ready(self.prompts.ready_timeout)
+        ready = await self.service.wait_ready(identity.user_id, self.service.ready_timeout)
         if self.ws_connection is None or self.session is None:
             return  # the client left while we waited
-        session.send("session", {"session_id": session.session_id, "user_id": identity.user_id,
-                                 "resumed": False}, only=self)
+        session.reply(self, "session", {"session_id": session.session_id, "user_id": identity.user_id,
+                                        "resumed": False})
         if not ready:
-            session.send("error", {"code": ErrorCode.COMFY_UNAVAILABLE,
-                                   "message": "ComfyUI is temporarily unavailable",
-                                   "details": {"prompts": "will be queued"}}, only=self)
+            session.reply(self, "error", {"code": ErrorCode.COMFY_UNAVAILABLE,
+                                          "message": "ComfyUI is temporarily unavailable",
+                                          "details": {"prompts": "will be queued"}})
+        # Outcomes the user has not heard yet (they finished while no socket of theirs was
+        # open, or before a restart): now, whether or not this client resumes.
+        self.replayed = self.service.tracker.deliver_owed(identity.user_id, session)
 
     # --- keepalive (driven by ClientPinger) -----------------------------------------------------
     def keepalive(self, now: float, interval: float, timeout: float) -> None:
@@ -176,7 +181,7 @@ class ClientConnection(WebSocketHandler):
     def _token_expired(self) -> None:
         self._expiry_handle = None
         if self.session is not None:
-            self.session.send("error", {"code": ErrorCode.UNAUTHORIZED, "message": "Token expired"}, only=self)
+            self.session.reply(self, "error", {"code": ErrorCode.UNAUTHORIZED, "message": "Token expired"})
         self.close(CloseCode.TOKEN_EXPIRED, "token expired")
 
     async def on_message(self, message):
@@ -189,41 +194,42 @@ class ClientConnection(WebSocketHandler):
         self.metrics.relayed("to_comfy", "control", size)
         try:
             if size > s.max_message_bytes:
-                raise ProtocolError(ErrorCode.MESSAGE_TOO_LARGE,
-                                    f"Message of {size} bytes is over the {s.max_message_bytes} byte limit")
+                raise RequestError(ErrorCode.MESSAGE_TOO_LARGE,
+                                   f"Message of {size} bytes is over the {s.max_message_bytes} byte limit")
             msg = parse_client_message(message, max_prompt_nodes=s.max_prompt_nodes,
                                        node_allowlist=s.node_allowlist)
             if isinstance(msg, Ping):
-                session.send("pong", msg.data if isinstance(msg.data, dict) else {}, only=self)
-            elif isinstance(msg, SubmitPrompt):
-                await self.prompts.submit(session, msg)
+                session.reply(self, "pong", msg.data if isinstance(msg.data, dict) else {})
+            elif isinstance(msg, SubmitRequest):
+                await self.service.submit(session.user_id, msg)
             elif isinstance(msg, Cancel):
-                await self.prompts.cancel(session, msg)
+                await self.service.cancel(session.user_id, msg.prompt_id)
             elif isinstance(msg, Resume):
                 self._resume(msg)
-        except ProtocolError as e:
+        except RequestError as e:
             self.metrics.client_errors.labels(e.code).inc()
             log.info("client error user=%s code=%s", session.user_id, e.code)
-            session.send("error", e.to_data(), only=self)
+            session.reply(self, "error", e.to_data())
         except Exception:
             log.exception("internal error handling a client message user=%s", session.user_id)
             self.metrics.client_errors.labels(ErrorCode.INTERNAL_ERROR).inc()
-            session.send("error", {"code": ErrorCode.INTERNAL_ERROR, "message": "Internal error"}, only=self)
+            session.reply(self, "error", {"code": ErrorCode.INTERNAL_ERROR, "message": "Internal error"})
 
     def _resume(self, msg: Resume) -> None:
         session = self.session
         if msg.session_id != session.session_id:
             # Expired, unknown, or another user's: the same answer for all three.
-            session.send("resume_gap", {"session_id": msg.session_id, "last_seq": msg.last_seq,
-                                        "reason": "unknown_session"}, only=self)
+            session.reply(self, "resume_gap", {"session_id": msg.session_id, "last_seq": msg.last_seq,
+                                               "reason": "unknown_session"})
         else:
-            complete, messages = session.since(msg.last_seq)
+            # What this connection got whole at open is not repeated: each outcome once.
+            complete, messages = session.since(msg.last_seq, skip=self.replayed)
             if not complete:
-                session.send("resume_gap", {"session_id": msg.session_id, "last_seq": msg.last_seq,
-                                            "reason": "buffer_exceeded"}, only=self)
+                session.reply(self, "resume_gap", {"session_id": msg.session_id, "last_seq": msg.last_seq,
+                                                   "reason": "buffer_exceeded"})
             for text in messages:
                 self._write(text, "control")
-        session.send("prompts_state", {"prompts": session.prompt_states()}, only=self)
+        session.reply(self, "prompts_state", {"prompts": self.service.tracker.summaries(session.user_id)})
 
     def on_close(self):
         if self._expiry_handle is not None:
@@ -308,8 +314,7 @@ class ClientConnection(WebSocketHandler):
 
     def close_for_shutdown(self) -> None:
         if self.session is not None:
-            self.session.send("shutting_down", {"message": "The proxy is restarting; reconnect and resume"},
-                              only=self)
+            self.session.reply(self, "shutting_down", {"message": "The proxy is restarting; reconnect and resume"})
         self.close(CloseCode.GOING_AWAY, "proxy shutting down")
 
 

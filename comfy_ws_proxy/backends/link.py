@@ -1,16 +1,9 @@
-"""ComfyLink: one user's upstream WebSocket to one ComfyUI backend.
+"""ComfyLink: one upstream WebSocket for one (user, backend).
 
-It connects (``ws://comfy/ws?clientId=<the session's own id>``), reads without ever
-stopping (a stalled reader would stall ComfyUI's single event bus for everyone),
-reconnects with capped, jittered back-off, and routes each frame:
-
-- JSON messages with a ``prompt_id`` go on only if this user owns that prompt;
-- ``status`` (queue length) goes on, minus the connect-time ``sid`` (our client id is private);
-- binary type 4 previews carry their prompt id in a JSON header: routed by it;
-- binary type 1 previews, type 3 text and unknown types carry no prompt id: ComfyUI sends
-  type 3 to every socket, so they go on only while one of this user's prompts is running,
-  as seen on this very socket (the event bus is one FIFO, so per-socket order is global order);
-- anything that cannot be attributed is dropped, never sent to the wrong user.
+It connects (``ws://comfy/ws?clientId=<that pair's durable client id>``), reads without
+ever stopping (a stalled reader would stall ComfyUI's single event bus for everyone),
+reconnects with capped, jittered back-off under the same client id, and hands every frame
+to ``routing.route`` (the isolation rule); what is attributed goes to the sink.
 """
 from __future__ import annotations
 
@@ -22,25 +15,23 @@ from typing import Protocol
 
 from . import wsclient
 from .backend import Backend
-from .protocol import BINARY_PREVIEW_WITH_METADATA, binary_event_type, preview_metadata
+from .routing import REGISTERED, Routed, next_running, route
 from .wsclient import UpstreamSocket
 
 log = logging.getLogger(__name__)
 
 CLOSE_WAIT = 2.0  # seconds a closing link waits for ComfyUI's close frame
 
-FINAL_EVENTS = frozenset({"execution_success", "execution_error", "execution_interrupted"})
-
 
 class LinkSink(Protocol):
-    """What a ComfyLink delivers to (the user's Session)."""
+    """Where a ComfyLink delivers (the LinkManager)."""
 
-    def owns(self, prompt_id: str) -> bool: ...
-    def upstream_event(self, kind: str, data: dict, text: str) -> None: ...
-    def upstream_status(self, text: str) -> None: ...
-    def upstream_binary(self, frame: bytes | bytearray, prompt_id: str) -> None: ...
-    def link_up(self, reconnected: bool) -> None: ...
-    def link_down(self) -> None: ...
+    def owns(self, owner: str, job_id: str) -> bool: ...
+    def is_running(self, job_id: str) -> bool: ...
+    def link_frame(self, link: "ComfyLink", routed: Routed, frame: str | bytes | bytearray) -> None: ...
+    def link_status(self, link: "ComfyLink", text: str) -> None: ...
+    def link_up(self, link: "ComfyLink", reconnected: bool) -> None: ...
+    def link_down(self, link: "ComfyLink") -> None: ...
 
 
 class Flag:
@@ -89,9 +80,12 @@ def backoff_delay(attempt: int, minimum: float, maximum: float, rng=random.rando
 
 
 class ComfyLink:
-    def __init__(self, backend: Backend, client_id: str, sink: LinkSink, *, max_message_size: int,
+    """One upstream socket's life: connect, route, reconnect; ``ready`` while registered."""
+
+    def __init__(self, owner: str, backend: Backend, client_id: str, sink: LinkSink, *, max_message_size: int,
                  ping_interval: float, reconnect_min: float, reconnect_max: float,
-                 preview_metadata: bool = True, metrics=None):
+                 preview_metadata: bool = True):
+        self.owner = owner
         self.backend = backend
         self.client_id = client_id
         self.sink = sink
@@ -100,8 +94,9 @@ class ComfyLink:
         self.reconnect_min = reconnect_min
         self.reconnect_max = reconnect_max
         self.preview_metadata = preview_metadata
-        self.metrics = metrics
-        self.running: str | None = None  # this user's prompt that ComfyUI is executing now
+        # The owner's job this socket saw start and not end. Forgotten with the socket: after
+        # a reconnect it is set again only by what the new socket sees (or by a reconcile).
+        self.running: str | None = None
         self.ready = Flag()  # set once ComfyUI has registered the socket
         self.settled = Flag()  # set once the first attempt registered or failed
         self.connections = 0  # successful connects; > 1 means reconnects happened
@@ -184,11 +179,12 @@ class ComfyLink:
                 await conn.wait_closed()  # frames arrive through route() meanwhile
             finally:
                 self.ready.clear()
+                self.running = None
                 self._conn = None
                 conn.close()  # make sure the old socket is gone before a reconnect reuses the id
                 if self._registered_now:
                     self._registered_now = False
-                    self.sink.link_down()
+                    self.sink.link_down(self)
             if not self._closing:
                 attempt += 1
                 await self._pause(backoff_delay(attempt, self.reconnect_min, self.reconnect_max))
@@ -218,49 +214,23 @@ class ComfyLink:
             log.exception("failed to route an upstream frame")
 
     # --- routing ---------------------------------------------------------------------------
-    def route(self, message: str | bytes | bytearray) -> None:
-        if not isinstance(message, str):
-            self._route_binary(message)
-            return
-        try:
-            parsed = json.loads(message)
-            kind = parsed["type"]
-            data = parsed.get("data")
-        except (ValueError, KeyError, TypeError):
-            return  # not ComfyUI's JSON shape: cannot be attributed
-        if not isinstance(data, dict):
-            data = {}
-        if kind == "status":
-            self.last_status_at = asyncio.get_running_loop().time()
-            if "sid" in data:
-                self._registered()
-            else:
-                self.sink.upstream_status(message)
-            return
-        if kind == "feature_flags":
-            return
-        prompt_id = data.get("prompt_id")
-        if prompt_id is None and kind == "executing" and self.running is not None:
-            prompt_id = self.running  # the reconnect replay: executing {node} without prompt_id
-        if not isinstance(prompt_id, str) or not self.sink.owns(prompt_id):
-            return
-        if kind == "execution_start":
-            self.running = prompt_id
-        elif kind == "executing" and data.get("node") is None and "node" in data:
-            if self.running == prompt_id:
-                self.running = None
-        self.sink.upstream_event(kind, data, message)
+    def _owns(self, job_id: str) -> bool:
+        return self.sink.owns(self.owner, job_id)
 
-    def _route_binary(self, frame: bytes | bytearray) -> None:
-        if binary_event_type(frame) == BINARY_PREVIEW_WITH_METADATA:
-            meta = preview_metadata(frame)
-            prompt_id = meta.get("prompt_id") if meta else None
-            if isinstance(prompt_id, str) and self.sink.owns(prompt_id):
-                self.sink.upstream_binary(frame, prompt_id)
+    def route(self, message: str | bytes | bytearray) -> None:
+        routed = route(message, owns=self._owns, running=self.running, is_running=self.sink.is_running)
+        if routed is None:
             return
-        running = self.running
-        if running is not None and self.sink.owns(running):
-            self.sink.upstream_binary(frame, running)
+        if routed is REGISTERED:
+            self.last_status_at = asyncio.get_running_loop().time()
+            self._registered()
+            return
+        if routed.kind == "status":
+            self.last_status_at = asyncio.get_running_loop().time()
+            self.sink.link_status(self, message)
+            return
+        self.running = next_running(self.running, routed)
+        self.sink.link_frame(self, routed, message)
 
     def _registered(self) -> None:
         self._registered_now = True
@@ -268,5 +238,5 @@ class ComfyLink:
         self.connections += 1
         self.ready.set()
         self.settled.set()
-        self.sink.link_up(reconnected=self.connections > 1)
+        self.sink.link_up(self, reconnected=self.connections > 1)
 

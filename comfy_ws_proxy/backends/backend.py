@@ -1,5 +1,5 @@
 """Backend: one ComfyUI server. Its HTTP calls (AsyncHTTPClient), its circuit breaker and
-the half-open probe timer. BackendPool: the set of backends (a pool of one for now).
+the half-open probe timer.
 
 Requests are built here from scratch: nothing of the client's request (Origin, cookies,
 Authorization) ever reaches ComfyUI. A foreign Origin would get a 403 from a loopback
@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from typing import Any, Callable
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.ioloop import PeriodicCallback
@@ -48,7 +48,7 @@ class Backend:
     def __init__(self, base_url: str, http_client: AsyncHTTPClient, *, name: str = "default",
                  connect_timeout: float = 5.0, request_timeout: float = 30.0, probe_timeout: float = 2.0,
                  breaker: CircuitBreaker | None = None, clock: Callable[[], float] = time.monotonic,
-                 probe_interval_ms: float = 500, on_breaker_change: Callable[[str, str], None] | None = None):
+                 probe_interval_ms: float = 500):
         self.name = name
         self.base_url = base_url.rstrip("/")
         parts = urlsplit(self.base_url)
@@ -60,12 +60,9 @@ class Backend:
         self.probe_timeout = probe_timeout
         self.clock = clock
         self.breaker = breaker or CircuitBreaker()
-        self._breaker_listeners: list[Callable[[BreakerState, BreakerState], None]] = []
+        self.breaker.listeners.append(self._log_breaker_change)
         # Called with the loop time at which a request that ComfyUI refused was started.
         self.unreachable_listeners: list[Callable[[float], None]] = []
-        self.breaker._on_change = self._breaker_changed
-        if on_breaker_change is not None:
-            self._breaker_listeners.append(on_breaker_change)
         self._probe_timer = PeriodicCallback(self._maybe_probe, probe_interval_ms)
         self._probe_running = False
         self.inflight = 0  # calls in progress, for graceful shutdown
@@ -81,12 +78,10 @@ class Backend:
         self._probe_timer.stop()
 
     def add_breaker_listener(self, listener: Callable[[BreakerState, BreakerState], None]) -> None:
-        self._breaker_listeners.append(listener)
+        self.breaker.listeners.append(listener)
 
-    def _breaker_changed(self, old: BreakerState, new: BreakerState) -> None:
+    def _log_breaker_change(self, old: BreakerState, new: BreakerState) -> None:
         log.warning("ComfyUI %s breaker: %s -> %s", self.name, old.value, new.value)
-        for listener in list(self._breaker_listeners):
-            listener(old, new)
 
     @property
     def available(self) -> bool:
@@ -171,6 +166,16 @@ class Backend:
     async def delete_queued(self, prompt_id: str) -> None:
         await self.call("POST", "/queue", {"delete": [prompt_id]})
 
+    async def stream_view(self, filename: str, subfolder: str, kind: str, on_headers: Callable[[str], None],
+                          on_chunk: Callable[[bytes], None]) -> int:
+        """GET /view of one output file, streamed through the callbacks; returns the status."""
+        url = f"{self.base_url}/view?" + urlencode({"filename": filename, "subfolder": subfolder, "type": kind})
+        response = await self.http.fetch(HTTPRequest(url, streaming_callback=on_chunk, header_callback=on_headers,
+                                                     connect_timeout=self.connect_timeout,
+                                                     request_timeout=self.request_timeout, follow_redirects=False),
+                                         raise_error=False)
+        return response.code
+
     # --- probing ---------------------------------------------------------------------------
     def _maybe_probe(self) -> None:
         if self._probe_running or not self.breaker.try_begin_probe(self.clock()):
@@ -209,31 +214,3 @@ def _parse_json(body: bytes | None) -> Any:
         return json.loads(body)
     except ValueError:
         return None
-
-
-class BackendPool:
-    """The backends behind this proxy and the routing choice. One backend today; the
-    choice of backend per prompt lives here so several can be added without a rewrite."""
-
-    def __init__(self, backends: list[Backend]):
-        if not backends:
-            raise ValueError("at least one backend")
-        self.backends = {b.name: b for b in backends}
-        self.default = backends[0]
-
-    def for_user(self, user_id: str) -> Backend:
-        return self.default
-
-    def get(self, name: str) -> Backend:
-        return self.backends.get(name, self.default)
-
-    def __iter__(self):
-        return iter(self.backends.values())
-
-    def start(self) -> None:
-        for b in self:
-            b.start()
-
-    def stop(self) -> None:
-        for b in self:
-            b.stop()

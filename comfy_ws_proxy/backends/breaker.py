@@ -2,7 +2,7 @@
 
 The breaker never reads a clock of its own and never sleeps: every method that
 depends on time takes ``now`` (seconds from an injected monotonic clock). The
-owner (backend.Backend) runs the half-open probe on a PeriodicCallback.
+owner (backends.Backend) runs the half-open probe on a PeriodicCallback.
 """
 from __future__ import annotations
 
@@ -38,7 +38,9 @@ class CircuitBreaker:
         self.max_open_seconds = max_open_seconds
         self.jitter = jitter
         self._rng = rng
-        self._on_change = on_change
+        # Called with (old, new) on every state change: the backend's log line and metrics,
+        # the queue (a closed breaker means: drain now).
+        self.listeners: list[Callable[[BreakerState, BreakerState], None]] = [on_change] if on_change else []
         self.state = BreakerState.CLOSED
         self.consecutive_failures = 0
         self.open_until = 0.0
@@ -102,5 +104,5 @@ class CircuitBreaker:
             return
         self.state = new
         self.transitions.append((old, new))
-        if self._on_change is not None:
-            self._on_change(old, new)
+        for listener in list(self.listeners):
+            listener(old, new)

@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-from .protocol import SUBPROTOCOL
+from ..gateway.protocol import SUBPROTOCOL
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,120 @@
+"""Operations endpoints: /health /live /ready /metrics (JSON and Prometheus)."""
+from __future__ import annotations
+
+import hmac
+import time
+
+from ..metrics import memory_usage
+from .base import JsonHandler
+
+
+class OpsHandler(JsonHandler):
+    """An operator's endpoint: reads across the whole proxy, so it gets the whole state."""
+
+    def initialize(self, app_state):
+        self.app_state = app_state
+        self.metrics = app_state.metrics
+
+
+class HealthHandler(OpsHandler):
+    def get(self):
+        state = self.app_state
+        self.write_json({"status": "ok", "version": state.version,
+                         "uptime_seconds": round(time.monotonic() - state.metrics.started, 3)})
+
+
+class LiveHandler(OpsHandler):
+    """The process and its IOLoop answer (this handler ran on the loop)."""
+
+    def get(self):
+        self.write_json({"status": "alive", "loop_lag_seconds": round(self.app_state.loop_lag, 4)})
+
+
+class ReadyHandler(OpsHandler):
+    """Ready for traffic: accepting, the breaker not open, ComfyUI answering."""
+
+    async def get(self):
+        state = self.app_state
+        if not state.registry.accepting:
+            return self.write_json({"status": "not_ready", "reason": "shutting_down"}, 503)
+        backend = state.pool.default
+        if not backend.available:
+            return self.write_json({"status": "not_ready", "reason": "breaker_open",
+                                    "breaker": backend.breaker.state.value}, 503)
+        if not await backend.check_reachable(timeout=state.settings.breaker_probe_timeout_ms / 1000):
+            return self.write_json({"status": "not_ready", "reason": "comfy_unreachable",
+                                    "breaker": backend.breaker.state.value}, 503)
+        self.write_json({"status": "ready", "breaker": backend.breaker.state.value})
+
+
+def secret_ok(header: str, secret: str) -> bool:
+    """Constant-time comparison of a Bearer header with the metrics secret."""
+    scheme, _, value = (header or "").partition(" ")
+    return hmac.compare_digest(value.strip().encode(), secret.encode()) and scheme.lower() == "bearer"
+
+
+class MetricsHandler(OpsHandler):
+    """GET /metrics: JSON (default) or Prometheus text when the scraper asks for text/plain
+    or OpenMetrics via Accept. Both behind METRICS_SECRET."""
+
+    def prepare(self):
+        if not secret_ok(self.request.headers.get("Authorization", ""), self.app_state.settings.metrics_secret):
+            self.set_header("WWW-Authenticate", 'Bearer realm="metrics"')
+            self.write_json({"error": {"code": "unauthorized", "message": "A valid metrics secret is required"}},
+                            401)
+
+    def get(self):
+        accept = self.request.headers.get("Accept", "")
+        if "text/plain" in accept or "openmetrics" in accept:
+            return _write_prometheus(self)
+        detailed = self.get_query_argument("detailed", "false").lower() in ("1", "true", "yes")
+        self.write_json(self.app_state.snapshot(detailed))
+
+
+class PrometheusHandler(OpsHandler):
+    """GET /metrics/prometheus: the text exposition; public only if METRICS_PUBLIC is on."""
+
+    def prepare(self):
+        state = self.app_state
+        if not state.settings.metrics_public and not secret_ok(self.request.headers.get("Authorization", ""),
+                                                               state.settings.metrics_secret):
+            self.set_header("WWW-Authenticate", 'Bearer realm="metrics"')
+            self.write_json({"error": {"code": "unauthorized", "message": "A valid metrics secret is required"}},
+                            401)
+
+    def get(self):
+        _write_prometheus(self)
+
+
+def _write_prometheus(handler: JsonHandler) -> None:
+    body, content_type = handler.app_state.metrics.exposition()
+    handler.set_header("Content-Type", content_type)
+    handler.finish(body)
+
+
+def snapshot(state, detailed: bool) -> dict:
+    """The JSON document of /metrics."""
+    now = state.clock()
+    registry = state.registry
+    sessions = registry.all()
+    queued = state.queue.fair.sizes()
+    data = {
+        "active_sessions": len(sessions),
+        "active_connections": registry.connection_count(),
+        "uptime_seconds": round(time.monotonic() - state.metrics.started, 3),
+        "memory_usage": memory_usage(),
+        "circuit_breaker_state": state.pool.default.breaker.state.value,
+        "circuit_breakers": {b.name: b.breaker.state.value for b in state.pool},
+        "queued_prompts": queued,
+        "queued_prompts_total": sum(queued.values()),
+        "event_loop_lag_seconds": round(state.loop_lag, 4),
+    }
+    if detailed:
+        data["sessions"] = [
+            s.describe(now, {"upstream_connected": any(link.ready.is_set() for link in state.links.of(s.user_id)),
+                             **state.tracker.describe(s.user_id)})
+            for s in sessions]
+    return data
+
+
+

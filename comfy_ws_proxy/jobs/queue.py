@@ -1,0 +1,276 @@
+"""The proxy's own queue: fair across users (round-robin, one job each per round), FIFO per
+user, and late placement: a job is given a backend only when it is about to be sent.
+
+Every job is POSTed under its prompt_id, minted before the POST and stored first, so a
+POST whose outcome is unknown (timeout, broken connection, proxy killed mid-POST) is asked
+about (reconcile.py) before it is sent again with the same id: ComfyUI never gets a job
+twice, and one that forgot it (a restart) gets it again.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from typing import Callable
+
+from ..backends.backend import Backend, ComfyRejected, ComfyUnavailable
+from ..backends.link import ComfyLink
+from ..backends.links import LinkManager
+from ..backends.pool import BackendPool
+from ..metrics import Metrics
+from ..model import ErrorCode, Job, JobState
+from .tracker import JobTracker
+
+log = logging.getLogger(__name__)
+
+# How long a drain round waits for its users' links to (re)register, so that a user whose
+# link comes back a moment later is not skipped (fairness) without holding the round up.
+LINKS_UP_WAIT_S = 1.0
+
+
+class FairQueue:
+    """Queued job ids: per owner in FIFO order (by ``order``), owners in round-robin order.
+    Pure bookkeeping: no I/O, no clock."""
+
+    def __init__(self) -> None:
+        self._owners: OrderedDict[str, OrderedDict[str, int]] = OrderedDict()
+
+    def add(self, owner: str, job_id: str, order: int) -> None:
+        """Queue a job; one that comes back (ComfyUI lost it) goes ahead of later ones."""
+        jobs = self._owners.setdefault(owner, OrderedDict())
+        later = bool(jobs) and next(reversed(jobs.values())) > order
+        jobs[job_id] = order
+        if later:
+            items = sorted(jobs.items(), key=lambda item: item[1])
+            jobs.clear()
+            jobs.update(items)
+
+    def remove(self, owner: str, job_id: str) -> None:
+        jobs = self._owners.get(owner)
+        if jobs is not None:
+            jobs.pop(job_id, None)
+            if not jobs:
+                del self._owners[owner]
+
+    def head(self, owner: str) -> str | None:
+        jobs = self._owners.get(owner)
+        return next(iter(jobs)) if jobs else None
+
+    def rotate(self, owner: str) -> None:
+        """The owner was served: to the back of the round-robin."""
+        if owner in self._owners:
+            self._owners.move_to_end(owner)
+
+    def owners(self) -> list[str]:
+        return list(self._owners)
+
+    def size(self, owner: str) -> int:
+        return len(self._owners.get(owner, ()))
+
+    def sizes(self) -> dict[str, int]:
+        return {owner: len(jobs) for owner, jobs in self._owners.items()}
+
+    def __len__(self) -> int:
+        return sum(len(jobs) for jobs in self._owners.values())
+
+
+def accepted_data(job: Job, *, queued: bool, node_errors: dict | None = None, **flags) -> dict:
+    """The prompt_accepted message's data (the one builder of it)."""
+    data = {"prompt_id": job.job_id, "number": None if queued else job.number, "node_errors": node_errors or {},
+            "queued": queued}
+    data.update({k: v for k, v in flags.items() if v})
+    return data
+
+
+def rejection_data(job: Job, e: ComfyRejected) -> dict:
+    """ComfyUI's 4xx answer as the owner sees it: its message and node_errors unchanged."""
+    body = e.body if isinstance(e.body, dict) else {}
+    error = body.get("error")
+    message = "ComfyUI rejected the prompt"
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        message = error["message"]
+    elif e.status != 400:
+        message = f"ComfyUI rejected the prompt (HTTP {e.status})"
+    return {"code": ErrorCode.INVALID_PROMPT, "message": message, "prompt_id": job.job_id, "status": e.status,
+            "error": error, "node_errors": body.get("node_errors", {})}
+
+
+class JobQueue:
+    """Drains the FairQueue onto the backends; POSTs one job (``post``)."""
+
+    def __init__(self, tracker: JobTracker, pool: BackendPool, links: LinkManager, metrics: Metrics,
+                 clock: Callable[[], float]):
+        self.tracker = tracker
+        self.pool = pool
+        self.links = links
+        self.metrics = metrics
+        self.clock = clock
+        self.fair = FairQueue()
+        self._draining: asyncio.Future | None = None
+        self._drain_again = False
+        self._stopped = False
+        for job in tracker.unfinished():
+            if job.state == JobState.QUEUED:
+                self.fair.add(job.owner, job.job_id, job.order)
+        tracker.listeners.append(self._job_changed)
+
+    def _job_changed(self, job: Job, old: str) -> None:
+        if job.state == JobState.QUEUED and old != JobState.QUEUED:
+            self.fair.add(job.owner, job.job_id, job.order)
+        elif old == JobState.QUEUED and job.state != JobState.QUEUED:
+            self.fair.remove(job.owner, job.job_id)
+        self.metrics.queued_prompts.set(len(self.fair))
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self._draining is not None and not self._draining.done():
+            self._draining.cancel()
+
+    @property
+    def busy(self) -> bool:
+        return self._draining is not None
+
+    # --- submit ---------------------------------------------------------------------------------
+    async def submit(self, job: Job) -> None:
+        """A new job: straight to a backend when nothing of its owner waits before it and one
+        can take it now; otherwise into the queue (its owner is told ``queued``)."""
+        backend = self.pool.place(self.tracker.placed_count) if not self.fair.size(job.owner) else None
+        link = self.links.get(job.owner, backend.name) if backend is not None else None
+        if link is None or not link.ready.is_set():
+            self.tracker.add(job)
+            self.announce_queued(job)
+            self.kick()
+            return
+        job.state = JobState.SUBMITTING
+        job.backend = backend.name
+        self.tracker.add(job)
+        log.info("prompt submit user=%s prompt=%s nodes=%d", job.owner, job.job_id, len(job.payload["prompt"]))
+        await self.post(job, backend, link, announced=False)
+
+    def announce_queued(self, job: Job) -> None:
+        self.metrics.prompts.labels("queued").inc()
+        log.info("prompt queued user=%s prompt=%s", job.owner, job.job_id)
+        self.tracker.notify(job, "prompt_accepted", accepted_data(job, queued=True))
+
+    async def post(self, job: Job, backend: Backend, link: ComfyLink, *, announced: bool = True,
+                   resubmitted: bool = False) -> bool:
+        """POST one job. True when ComfyUI answered (accepted or rejected), False when it is
+        unavailable (the job is back in the queue; its owner is told once)."""
+        payload = job.payload or {}
+        body = {"prompt": payload.get("prompt"), "client_id": link.client_id, "prompt_id": job.job_id}
+        for key in ("extra_data", "partial_execution_targets"):
+            if payload.get(key) is not None:
+                body[key] = payload[key]
+        if payload.get("front"):
+            body["front"] = True
+        self.tracker.move(job, JobState.SUBMITTING, backend=backend.name, attempts=job.attempts + 1)
+        self.tracker.hold(job)
+        try:
+            return await self._post_held(job, backend, link, body, announced, resubmitted)
+        finally:
+            self.tracker.release(job)  # whatever happened, held frames go out (after our reply)
+
+    async def _post_held(self, job: Job, backend: Backend, link: ComfyLink, body: dict, announced: bool,
+                         resubmitted: bool) -> bool:
+        started = self.clock()
+        sent_at = asyncio.get_running_loop().time()  # the link's status times are loop times
+        try:
+            result = await backend.submit_prompt(body)
+        except ComfyRejected as e:
+            self.metrics.comfy_duration.labels(backend.name, "rejected").observe(self.clock() - started)
+            log.info("prompt rejected user=%s prompt=%s status=%s", job.owner, job.job_id, e.status)
+            self.metrics.prompts.labels("rejected").inc()
+            self.tracker.end_without_running(job, JobState.REJECTED, "error", rejection_data(job, e))
+            return True
+        except ComfyUnavailable as e:
+            self.metrics.comfy_duration.labels(backend.name, "unavailable").observe(self.clock() - started)
+            log.warning("prompt POST failed user=%s prompt=%s reason=%s outcome_unknown=%s",
+                        job.owner, job.job_id, e.reason, e.outcome_unknown)
+            if job.state == JobState.SUBMITTING:
+                self.tracker.move(job, JobState.QUEUED, outcome_unknown=job.outcome_unknown or e.outcome_unknown)
+                if not announced:
+                    self.announce_queued(job)
+            else:
+                # Its events arrived while the POST hung: ComfyUI has it, whatever the POST says
+                # (they are held, and follow this reply).
+                self.tracker.notify(job, "prompt_accepted", accepted_data(job, queued=False, reconciled=True))
+            return False
+        self.metrics.comfy_duration.labels(backend.name, "ok").observe(self.clock() - started)
+        number = result.get("number")
+        if job.state == JobState.SUBMITTING:  # events may already have moved it on
+            self.tracker.move(job, JobState.PENDING, number=number, outcome_unknown=False)
+        else:
+            job.number = number
+            self.tracker.save(job)
+        job.last_heard = self.clock()
+        self.metrics.prompts.labels("accepted").inc()
+        if resubmitted:
+            self.metrics.prompts.labels("resubmitted").inc()
+        log.info("prompt accepted user=%s prompt=%s number=%s resubmitted=%s", job.owner, job.job_id, number,
+                 resubmitted)
+        self.tracker.notify(job, "prompt_accepted", accepted_data(
+            job, queued=False, node_errors=result.get("node_errors", {}), resubmitted=resubmitted))
+        self.links.expect_status(link, sent_at)
+        return True
+
+    # --- the drain --------------------------------------------------------------------------------
+    def kick(self) -> None:
+        """Drain the queue soon. Cheap; coalesces while a drain runs."""
+        if self._stopped:
+            return
+        if self._draining is not None:
+            self._drain_again = True
+            return
+        if not len(self.fair):
+            return
+        self._draining = asyncio.ensure_future(self._drain())
+        self._draining.add_done_callback(self._drained)
+
+    def _drained(self, future: asyncio.Future) -> None:
+        self._draining = None
+        if not future.cancelled() and future.exception() is not None:
+            log.error("queue drain failed", exc_info=future.exception())
+        if self._drain_again:
+            self._drain_again = False
+            self.kick()
+
+    async def _drain(self) -> None:
+        """Round-robin across owners, one job each per round, FIFO per owner. A job whose last
+        POST has an unknown outcome holds its owner's turn until the reconciler has asked."""
+        while True:
+            owners = self.fair.owners()
+            if not owners or self.pool.place(self.tracker.placed_count) is None:
+                return
+            progressed = False
+            await self._links_up(owners)
+            for owner in owners:
+                job = self.tracker.get(self.fair.head(owner) or "")
+                if job is None or job.outcome_unknown:
+                    continue
+                backend = self.pool.place(self.tracker.placed_count)
+                if backend is None:
+                    return
+                link = self.links.ensure(owner, backend)
+                if not link.ready.is_set():
+                    continue  # its link is (re)connecting; link_up kicks again
+                self.fair.rotate(owner)  # served: to the back of the round-robin
+                if not await self.post(job, backend, link, resubmitted=job.attempts > 0):
+                    return
+                progressed = True
+            if not progressed:
+                return
+
+    async def _links_up(self, owners: list[str]) -> None:
+        backend = self.pool.place(self.tracker.placed_count)
+        if backend is None:
+            return
+        waits = []
+        for owner in owners:
+            link = self.links.ensure(owner, backend)
+            if not link.ready.is_set():
+                link.wake()
+                waits.append(asyncio.ensure_future(link.ready.wait()))
+        if waits:
+            await asyncio.wait(waits, timeout=min(LINKS_UP_WAIT_S, backend.connect_timeout))
+            for w in waits:
+                w.cancel()

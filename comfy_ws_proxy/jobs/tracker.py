@@ -1,0 +1,338 @@
+"""JobTracker: the only writer of job state, durable through the store, and the one place
+that publishes what happens to a job.
+
+Subscribers (a user's WebSocket session today; HTTP event streams and webhooks next)
+register per owner and get two kinds of delivery: the proxy's own messages about a job
+(``job_notice``: prompt_accepted, prompt_cancelled, prompt_timed_out, error) and ComfyUI's
+frames of that job, unchanged (``job_frame``). Each returns whether a live socket took
+it; a final outcome that no live socket took is *owed* (``told`` is false, durably) and
+is delivered, marked ``replayed``, the next time a socket of its owner opens.
+
+Frames that arrive while a job's POST has not answered are held, so that the owner hears
+``prompt_accepted`` first (ComfyUI can be faster than its own HTTP response,
+PROTOCOL.md 3.7). State changes they imply apply at once.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from typing import Callable, Iterable, Protocol
+
+from ..backends.routing import Routed
+from ..metrics import Metrics
+from ..model import FINAL_EVENT_OF, FINAL_EVENTS, Job, JobState
+from ..store import JobStore
+
+log = logging.getLogger(__name__)
+
+PLACED = frozenset({JobState.SUBMITTING, JobState.PENDING, JobState.RUNNING})
+
+
+class JobSubscriber(Protocol):
+    def job_notice(self, job: Job, kind: str, data: dict) -> bool: ...
+    def job_frame(self, job: Job | None, kind: str, frame: str | bytes | bytearray) -> bool: ...
+
+
+def replayed(kind: str, data: dict) -> str:
+    """A ComfyUI-shaped message the proxy sends from what it learned later (history, store)."""
+    return json.dumps({"type": kind, "data": data, "replayed": True}, separators=(",", ":"))
+
+
+class JobTracker:
+    def __init__(self, store: JobStore, metrics: Metrics, clock: Callable[[], float],
+                 wall: Callable[[], float] = time.time):
+        self.store = store
+        self.metrics = metrics
+        self.clock = clock  # monotonic: last_heard
+        self.wall = wall    # epoch seconds: the stored timestamps
+        self.jobs: dict[str, Job] = {}
+        self.by_owner: dict[str, dict[str, Job]] = {}
+        self.placed = Counter()  # backend name -> our jobs it holds (submitting, pending, running)
+        self.subscribers: dict[str, set[JobSubscriber]] = {}
+        # Called with (job, old state) after every change: the queue's index, settled waiters,
+        # the reconciler, link release.
+        self.listeners: list[Callable[[Job, str], None]] = []
+        # Called with a job whose live final arrived after a gap: its outputs must be read
+        # from ComfyUI's history before the owner hears the outcome (the reconciler).
+        self.gap_final_listeners: list[Callable[[Job], None]] = []
+        self._load()
+
+    def _load(self) -> None:
+        for job in self.store.load_jobs():
+            if job.state == JobState.SUBMITTING:
+                # The proxy died mid-POST: ComfyUI may or may not have it. Ask before resending.
+                job.state = JobState.QUEUED
+                job.outcome_unknown = True
+                self.store.save(job)
+            if job.state in JobState.IN_COMFY:
+                job.gap = True  # its events went to a socket that died with the old process
+            self._index(job)
+
+    def _index(self, job: Job) -> None:
+        self.jobs[job.job_id] = job
+        self.by_owner.setdefault(job.owner, {})[job.job_id] = job
+        if job.state in PLACED:
+            self.placed[job.backend] += 1
+
+    # --- reads ----------------------------------------------------------------------------------
+    def get(self, job_id: str) -> Job | None:
+        return self.jobs.get(job_id)
+
+    def owned(self, owner: str, job_id: str) -> Job | None:
+        """The owner's job, or None: another user's job answers exactly like an unknown one."""
+        job = self.jobs.get(job_id)
+        return job if job is not None and job.owner == owner else None
+
+    def owns(self, owner: str, job_id: str) -> bool:
+        job = self.jobs.get(job_id)
+        return job is not None and job.owner == owner
+
+    def is_running(self, job_id: str) -> bool:
+        job = self.jobs.get(job_id)
+        return job is not None and job.state == JobState.RUNNING
+
+    def jobs_of(self, owner: str) -> list[Job]:
+        return list(self.by_owner.get(owner, {}).values())
+
+    def unfinished(self, owner: str | None = None) -> list[Job]:
+        jobs = self.jobs.values() if owner is None else self.by_owner.get(owner, {}).values()
+        return [j for j in jobs if not j.finished]
+
+    def has_unfinished(self, owner: str) -> bool:
+        return any(not j.finished for j in self.by_owner.get(owner, {}).values())
+
+    def in_comfy(self, owner: str | None = None, backend: str | None = None) -> list[Job]:
+        return [j for j in self.unfinished(owner) if j.state in JobState.IN_COMFY
+                and (backend is None or j.backend == backend)]
+
+    def placed_count(self, backend: str) -> int:
+        return self.placed[backend]
+
+    def waiting_count(self, owner: str) -> int:
+        """The owner's jobs held by the proxy: queued, or taken from the queue for a POST."""
+        return sum(1 for j in self.by_owner.get(owner, {}).values()
+                   if j.state in (JobState.QUEUED, JobState.SUBMITTING))
+
+    # --- writes ---------------------------------------------------------------------------------
+    def add(self, job: Job) -> None:
+        if job.job_id in self.jobs:
+            raise KeyError(job.job_id)
+        self.store.insert(job)
+        self._index(job)
+        self._changed(job, "")
+
+    def move(self, job: Job, state: str, **changes) -> None:
+        """Every change of a job's durable state goes through here."""
+        old = job.state
+        if old in PLACED:
+            self.placed[job.backend] -= 1
+        job.state = state
+        for name, value in changes.items():
+            setattr(job, name, value)
+        job.updated_at = self.wall()
+        if job.finished and old in JobState.UNFINISHED:
+            job.payload = None  # the workflow is not needed once it ran; keep rows small
+            job.finished_at = job.updated_at
+        if state in PLACED:
+            self.placed[job.backend] += 1
+        self.store.save(job)
+        self._changed(job, old)
+
+    def save(self, job: Job) -> None:
+        """A durable field changed without a change of state (outputs, number, told)."""
+        self.store.save(job)
+
+    def _changed(self, job: Job, old: str) -> None:
+        for listener in list(self.listeners):
+            listener(job, old)
+
+    def forget_finished(self, older_than: float) -> int:
+        """Drop finished jobs last changed before ``older_than`` (epoch seconds)."""
+        gone = [j for j in self.jobs.values() if j.finished and j.updated_at < older_than]
+        for job in gone:
+            del self.jobs[job.job_id]
+            mine = self.by_owner.get(job.owner)
+            if mine is not None:
+                mine.pop(job.job_id, None)
+                if not mine:
+                    del self.by_owner[job.owner]
+        if gone:
+            self.store.delete(j.job_id for j in gone)
+        return len(gone)
+
+    # --- subscribers ----------------------------------------------------------------------------
+    def subscribe(self, owner: str, subscriber: JobSubscriber) -> None:
+        self.subscribers.setdefault(owner, set()).add(subscriber)
+
+    def unsubscribe(self, owner: str, subscriber: JobSubscriber) -> None:
+        subs = self.subscribers.get(owner)
+        if subs is not None:
+            subs.discard(subscriber)
+            if not subs:
+                del self.subscribers[owner]
+
+    def notify(self, job: Job, kind: str, data: dict) -> bool:
+        """A proxy message about ``job`` to every subscriber of its owner."""
+        delivered = False
+        for sub in list(self.subscribers.get(job.owner, ())):
+            delivered = sub.job_notice(job, kind, data) or delivered
+        return delivered
+
+    def _publish_frame(self, job: Job | None, owner: str, kind: str, frame) -> bool:
+        delivered = False
+        for sub in list(self.subscribers.get(owner, ())):
+            delivered = sub.job_frame(job, kind, frame) or delivered
+        return delivered
+
+    def _deliver(self, job: Job, kind: str, frame) -> None:
+        if job.holding:
+            job.held.append((kind, frame))
+            return
+        if self._publish_frame(job, job.owner, kind, frame) and kind in FINAL_EVENTS and not job.told:
+            job.told = True
+            self.store.save(job)
+
+    def hold(self, job: Job) -> None:
+        job.holding = True
+
+    def release(self, job: Job) -> None:
+        """The POST answered (whatever it said): held frames go out, after our reply."""
+        job.holding = False
+        held, job.held = job.held, []
+        for kind, frame in held:
+            self._deliver(job, kind, frame)
+
+    # --- ComfyUI's frames (FrameSink, through the links) ----------------------------------------
+    def upstream_status(self, owner: str, text: str) -> None:
+        self._publish_frame(None, owner, "status", text)
+
+    def upstream_frame(self, owner: str, backend: str, routed: Routed, frame) -> None:
+        job = self.jobs.get(routed.job_id) if routed.job_id else None
+        if job is None:
+            return
+        job.last_heard = self.clock()
+        kind = routed.kind
+        if job.finished:
+            if not job.final_seen:  # the tail of a finished job (executing null) goes on as it came
+                self._deliver(job, kind, frame)
+            return
+        if job.final_seen:
+            return  # a gap job's outcome is being read from history: it will be replayed whole
+        if kind == "execution_start":
+            if job.state != JobState.RUNNING:
+                self.move(job, JobState.RUNNING, outcome_unknown=False, started_at=self.wall())
+                log.info("prompt running user=%s prompt=%s", job.owner, job.job_id)
+        elif kind == "executed":
+            output = routed.data.get("output")
+            node = routed.data.get("node")
+            if output is not None and isinstance(node, str):
+                job.outputs[node] = output
+                self.save(job)
+        elif kind in FINAL_EVENTS:
+            if job.gap:
+                # Events were missed before this socket heard the job again: read the whole
+                # outcome (outputs included) from ComfyUI's history and replay it.
+                job.final_seen = True
+                for listener in list(self.gap_final_listeners):
+                    listener(job)
+                return
+            self._deliver(job, kind, frame)
+            self.finish(job, self.final_state(job, FINAL_EVENTS[kind]), result=routed.data)
+            return
+        self._deliver(job, kind, frame)
+
+    def final_state(self, job: Job, state: str) -> str:
+        """An interrupt of a job past its time limit is the limit's doing: timed_out."""
+        if (state == JobState.INTERRUPTED and job.timeout_s and job.started_at is not None
+                and self.wall() - job.started_at >= job.timeout_s):
+            return JobState.TIMED_OUT
+        return state
+
+    # --- outcomes -------------------------------------------------------------------------------
+    def finish(self, job: Job, state: str, *, result: dict | None = None) -> None:
+        if state == JobState.TIMED_OUT and not job.told:
+            self.notify(job, "prompt_timed_out", {"prompt_id": job.job_id, "timeout_s": job.timeout_s})
+        self.move(job, state, outcome_unknown=False, result=result)
+        self.metrics.prompts.labels(state).inc()
+        log.info("prompt finished user=%s prompt=%s outcome=%s", job.owner, job.job_id, state)
+
+    def end_without_running(self, job: Job, state: str, kind: str, data: dict) -> None:
+        """Cancelled or rejected: the owner hears it from us, not from ComfyUI."""
+        told = self.notify(job, kind, data)
+        self.move(job, state, outcome_unknown=False, result=data, told=told)
+        self.metrics.prompts.labels(state).inc()
+        log.info("prompt %s user=%s prompt=%s", state, job.owner, job.job_id)
+
+    def finish_from_history(self, job: Job, entry: dict) -> None:
+        """ComfyUI's history has the outcome the owner missed: the outputs not yet heard, the
+        final event and the end marker, each marked ``replayed``, then the job is finished."""
+        job_id = job.job_id
+        for node_id, output in (entry.get("outputs") or {}).items():
+            if node_id in job.outputs or not isinstance(node_id, str):
+                continue
+            job.outputs[node_id] = output
+            self._deliver(job, "executed", replayed("executed", {
+                "node": node_id, "display_node": node_id, "output": output, "prompt_id": job_id}))
+        status = entry.get("status") or {}
+        final_kind, final_data = None, None
+        for item in status.get("messages") or []:
+            if isinstance(item, list) and len(item) == 2 and item[0] in FINAL_EVENTS and isinstance(item[1], dict):
+                final_kind, final_data = item
+        if final_kind is None:
+            final_kind = "execution_success" if status.get("status_str") == "success" else "execution_error"
+            final_data = {"prompt_id": job_id}
+        state = self.final_state(job, FINAL_EVENTS[final_kind])
+        if state == JobState.TIMED_OUT:
+            self.notify(job, "prompt_timed_out", {"prompt_id": job_id, "timeout_s": job.timeout_s})
+        self._deliver(job, final_kind, replayed(final_kind, final_data))
+        job.final_seen = True  # the live tail (if any) would repeat what was just replayed
+        self.move(job, state, outcome_unknown=False, result=final_data)
+        self.metrics.prompts.labels(state).inc()
+        log.info("prompt finished (from history) user=%s prompt=%s outcome=%s", job.owner, job_id, state)
+        self._publish_frame(job, job.owner, "executing", replayed("executing", {"node": None, "prompt_id": job_id}))
+
+    def owed(self, owner: str) -> list[Job]:
+        """The owner's finished jobs whose outcome no live socket took yet, oldest first."""
+        return sorted((j for j in self.by_owner.get(owner, {}).values() if j.finished and not j.told),
+                      key=lambda j: j.order)
+
+    def deliver_owed(self, owner: str, subscriber: JobSubscriber) -> list[str]:
+        """Give ``subscriber`` (a socket that just opened) every outcome its owner is owed:
+        outputs, final event, end marker, all marked ``replayed``. Returns their job ids."""
+        delivered = []
+        for job in self.owed(owner):
+            job_id = job.job_id
+            data = job.result or {"prompt_id": job_id}
+            if job.state == JobState.CANCELLED:
+                ok = subscriber.job_notice(job, "prompt_cancelled", {"prompt_id": job_id, "replayed": True})
+            elif job.state == JobState.REJECTED:
+                ok = subscriber.job_notice(job, "error", {**data, "replayed": True})
+            else:
+                for node_id, output in job.outputs.items():
+                    subscriber.job_frame(job, "executed", replayed("executed", {
+                        "node": node_id, "display_node": node_id, "output": output, "prompt_id": job_id}))
+                if job.state == JobState.TIMED_OUT:
+                    subscriber.job_notice(job, "prompt_timed_out", {"prompt_id": job_id, "timeout_s": job.timeout_s,
+                                                                    "replayed": True})
+                kind = FINAL_EVENT_OF[job.state]
+                ok = subscriber.job_frame(job, kind, replayed(kind, data))
+                subscriber.job_frame(job, "executing", replayed("executing", {"node": None, "prompt_id": job_id}))
+            if ok:
+                job.told = True
+                self.store.save(job)
+                delivered.append(job_id)
+        return delivered
+
+    def summaries(self, owner: str) -> list[dict]:
+        return [j.summary() for j in self.jobs_of(owner)]
+
+    def describe(self, owner: str) -> dict:
+        states = Counter(j.state for j in self.unfinished(owner))
+        return {"prompts_queued": states.get(JobState.QUEUED, 0),
+                "prompts_pending": states.get(JobState.PENDING, 0) + states.get(JobState.SUBMITTING, 0),
+                "prompts_running": states.get(JobState.RUNNING, 0)}
+
+    def all_owners(self) -> Iterable[str]:
+        return list(self.by_owner)

@@ -1,0 +1,12 @@
+"""The store: what must outlive the process. ``JobStore`` is the interface the domain
+uses; ``SqliteJobStore`` (sqlite.py) the embedded default. A shared database implements
+the same interface without touching jobs/."""
+from .base import JobStore
+from .sqlite import SqliteJobStore
+
+
+def open_store(path: str) -> JobStore:
+    return SqliteJobStore(path)
+
+
+__all__ = ["JobStore", "SqliteJobStore", "open_store"]

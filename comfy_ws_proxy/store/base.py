@@ -1,0 +1,31 @@
+"""The narrow interface between the domain and whatever keeps its state durable.
+
+Rows are written through, one small write per change; reads happen once, at start-up
+(the tracker keeps the index in memory). Nothing here knows about queues or sockets.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Protocol
+
+from ..model import Job
+
+
+class JobStore(Protocol):
+    def load_jobs(self) -> list[Job]:
+        """Every job, oldest first."""
+
+    def insert(self, job: Job) -> None:
+        """A new job; its ``order`` is assigned here (monotonic per store)."""
+
+    def save(self, job: Job) -> None:
+        """Write the job's durable fields."""
+
+    def delete(self, job_ids: Iterable[str]) -> None:
+        ...
+
+    def client_id(self, owner: str, backend: str) -> str:
+        """ComfyUI's client id for this (owner, backend): minted once, the same after any
+        restart, so ComfyUI keeps routing a running prompt's events to the new socket."""
+
+    def close(self) -> None:
+        ...
