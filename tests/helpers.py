@@ -35,8 +35,12 @@ def workflow(name: str) -> dict:
 
 
 def job_finished(state, job_id: str) -> asyncio.Future:
-    """A future resolved with the job once the tracker has finished it."""
+    """A future resolved with the job once the tracker has finished it (at once if it has)."""
     future = asyncio.get_running_loop().create_future()
+    job = state.tracker.get(job_id)
+    if job is not None and job.finished:
+        future.set_result(job)
+        return future
 
     def listener(job, old):
         if job.job_id == job_id and job.finished and not future.done():
@@ -175,16 +179,47 @@ class ProxyHarness:
                   "comfy_connect_timeout_ms": 2000, "comfy_request_timeout_ms": 5000, "submit_burst": 1000,
                   "submit_rate_per_s": 1000.0}
         values.update(self.overrides)
+        if values.get("store_path") == "file":  # a store that outlives restart_proxy()
+            values["store_path"] = os.path.join(self._tmp.name, "store.sqlite3")
         self.settings = settings_for_tests(**values)
+        self._start_proxy(0)
+        self.http = AsyncHTTPClient(force_instance=True)
+        return self
+
+    def _start_proxy(self, port: int) -> None:
         kwargs = {"clock": self.clock} if self.clock is not None else {}
         self.app, self.state = make_app(self.settings, **kwargs)
-        sockets = bind_sockets(0, "127.0.0.1")
+        sockets = bind_sockets(port, "127.0.0.1")
         self.port = sockets[0].getsockname()[1]
         self.server = HTTPServer(self.app, xheaders=self.settings.trust_forwarded)
         self.server.add_sockets(sockets)
         self.state.start()
-        self.http = AsyncHTTPClient(force_instance=True)
-        return self
+
+    async def restart_proxy(self, how: str, while_down: Callable[[], Any] | None = None) -> None:
+        """Stop the proxy and start a new one on the same port and store (use store_path="file").
+        ``how``: "term", the graceful stop of a SIGTERM; "kill", as if SIGKILLed: nothing more
+        is said to anyone (clients and upstream sockets are cut, calls in flight abandoned).
+        ``while_down``: awaited between the two (the world goes on without a proxy)."""
+        state = self.state
+        self.server.stop()
+        if how == "term":
+            await state.stop(grace=5)
+        else:
+            for timer_owner in (state.lag_monitor, state.pinger, state.service, state.registry, state.pool):
+                timer_owner.stop()
+            for session in state.registry.all():
+                for conn in list(session.connections):
+                    conn.ws_connection.stream.close()  # the clients' TCP connections just end
+            for link in state.links.all():
+                if link._conn is not None:
+                    link._conn.abort()  # no close frame: the TCP connection just ends
+            await state.links.close_all()
+            state.store.close()
+            state.http.close()
+        await self.server.close_all_connections()
+        if while_down is not None:
+            await while_down()
+        self._start_proxy(self.port)
 
     async def __aexit__(self, *exc) -> None:
         for client in self.clients:
