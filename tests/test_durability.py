@@ -1,10 +1,15 @@
 """The proxy as a real process: SIGKILL with 100 prompts queued loses none; SIGTERM during a
-running prompt shuts down gracefully (1001 + shutting_down), exits 0 and loses nothing."""
+running prompt shuts down gracefully (1001 + shutting_down), exits 0 and loses nothing; a
+SIGKILL or SIGTERM with jobs running, pending in ComfyUI and queued in the proxy loses no
+outcome and tells each exactly once."""
 import asyncio
 import json
 import os
 import signal
 import sys
+import uuid
+
+import pytest
 
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
@@ -17,7 +22,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
 class ProxyProcess:
-    def __init__(self, tmp_path, comfy_url: str, key: DevKey, port: int | None = None):
+    def __init__(self, tmp_path, comfy_url: str, key: DevKey, port: int | None = None, **env):
         self.tmp_path = tmp_path
         self.comfy_url = comfy_url
         self.port = port or free_port()
@@ -26,13 +31,14 @@ class ProxyProcess:
         self.store = tmp_path / "store.sqlite3"
         self.proc = None
         self.lines: list[str] = []
+        self.env = {name.upper(): str(value) for name, value in env.items()}
 
     async def start(self) -> None:
         env = dict(os.environ, PYTHONPATH=ROOT, COMFY_URL=self.comfy_url, DEV_MODE="true",
                    JWT_KEY_FILE=str(self.jwks), STORE_PATH=str(self.store), PORT=str(self.port),
                    UPSTREAM_RECONNECT_MIN_MS="20", UPSTREAM_RECONNECT_MAX_MS="200", BREAKER_OPEN_MS="50",
                    BREAKER_MAX_OPEN_MS="300", SUBMIT_BURST="1000", SUBMIT_RATE_PER_S="1000",
-                   SHUTDOWN_GRACE_MS="5000")
+                   SHUTDOWN_GRACE_MS="5000", **self.env)
         self.proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "comfy_ws_proxy", env=env,
                                                          stderr=asyncio.subprocess.PIPE)
         await self.wait_for_line("listening on")
@@ -125,6 +131,58 @@ async def test_sigterm_during_a_running_prompt_is_graceful_and_loses_nothing(io_
         await sim.wait_idle()
         assert sim.execution_counts[queued] == 1
         await alice.close()
+    finally:
+        if proxy.proc and proxy.proc.returncode is None:
+            proxy.proc.kill()
+            await proxy.proc.wait()
+        await sim.stop()
+
+
+@pytest.mark.parametrize("owner", ["reconnects", "stays_away"])
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+async def test_a_killed_or_stopped_proxy_process_loses_no_outcome(io_loop, tmp_path, signum, owner):
+    from comfy_ws_proxy.testing.comfyui import ComfySimulator
+
+    from .test_restart import FINALS, finals, fresh, submit
+    sim = ComfySimulator()
+    await sim.start()
+    key = DevKey.generate()
+    proxy = ProxyProcess(tmp_path, sim.url, key, backend_queue_depth=2)
+    try:
+        await proxy.start()
+        alice = await proxy.connect(key.token("alice"))
+        ids = [str(uuid.uuid4()) for _ in range(3)]
+        hold = sim.hold_node("3", ids[0])
+        assert (await submit(alice, fresh("long-running"), ids[0]))["data"]["queued"] is False
+        await asyncio.wait_for(hold.reached, TIMEOUT)
+        assert (await submit(alice, fresh("success"), ids[1]))["data"]["queued"] is False
+        assert (await submit(alice, fresh("success"), ids[2]))["data"]["queued"] is True
+        proxy.proc.send_signal(signum)
+        await asyncio.wait_for(proxy.proc.wait(), TIMEOUT)
+        await asyncio.wait_for(alice.closed, TIMEOUT)
+        await alice.close()
+        await proxy.start()  # the same store
+        if owner == "stays_away":
+            hold.release()
+            await sim.wait_idle()  # two of them ran; the third is still in the proxy's queue
+        back = await proxy.connect(key.token("alice"))
+        hold.release()
+        for prompt_id in ids:
+            back._cursor = 0
+            await back.next(where=lambda m, p=prompt_id: m.get("type") in FINALS and m["data"]["prompt_id"] == p,
+                            timeout=30)
+        await sim.wait_idle()
+        back.send("ping")
+        await back.next("pong")
+        assert [len(finals(back, p)) for p in ids] == [1, 1, 1]
+        assert [sim.execution_counts[p] for p in ids] == [1, 1, 1]
+        await back.close()
+        later = await proxy.connect(key.token("alice"))  # a later socket is told nothing twice
+        later.send("resume", {"session_id": "x", "last_seq": 0})
+        state = await later.next("prompts_state")
+        assert {p["prompt_id"]: p["state"] for p in state["data"]["prompts"]} == {p: "success" for p in ids}
+        assert not any(finals(later, p) for p in ids)
+        await later.close()
     finally:
         if proxy.proc and proxy.proc.returncode is None:
             proxy.proc.kill()
