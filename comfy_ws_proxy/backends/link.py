@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import random
+from collections import deque
 from typing import Protocol
 
 from . import wsclient
@@ -21,6 +22,7 @@ from .wsclient import UpstreamSocket
 log = logging.getLogger(__name__)
 
 CLOSE_WAIT = 2.0  # seconds a closing link waits for ComfyUI's close frame
+ENDED_KEPT = 16  # recent job ends remembered per socket (answers in flight are about recent jobs)
 
 
 class LinkSink(Protocol):
@@ -97,6 +99,9 @@ class ComfyLink:
         # The owner's job this socket saw start and not end. Forgotten with the socket: after
         # a reconnect it is set again only by what the new socket sees (or by a reconcile).
         self.running: str | None = None
+        # Jobs this socket saw end (their final event or ComfyUI's end marker): a late answer
+        # that one of them runs must not make it "running" here again. The last few suffice.
+        self.ended: deque[str] = deque(maxlen=ENDED_KEPT)
         self.ready = Flag()  # set once ComfyUI has registered the socket
         self.settled = Flag()  # set once the first attempt registered or failed
         self.connections = 0  # successful connects; > 1 means reconnects happened
@@ -180,6 +185,7 @@ class ComfyLink:
             finally:
                 self.ready.clear()
                 self.running = None
+                self.ended.clear()
                 self._conn = None
                 conn.close()  # make sure the old socket is gone before a reconnect reuses the id
                 if self._registered_now:
@@ -229,7 +235,12 @@ class ComfyLink:
             self.last_status_at = asyncio.get_running_loop().time()
             self.sink.link_status(self, message)
             return
-        self.running = next_running(self.running, routed)
+        running = next_running(self.running, routed)
+        if routed.job_id == self.running and running is None:
+            self.ended.append(routed.job_id)
+        elif routed.kind == "executing" and routed.data.get("node", "") is None:
+            self.ended.append(routed.job_id)
+        self.running = running
         self.sink.link_frame(self, routed, message)
 
     def _registered(self) -> None:

@@ -1,5 +1,5 @@
-"""The proxy's own queue: fair across users (round-robin, one job each per round), FIFO per
-user, and late placement: a job is given a backend only when it is about to be sent.
+"""The proxy's own queue: fair across users (least recently served first, one job each per
+turn), FIFO per user, and late placement: a job is given a backend only when it is about to be sent.
 
 Every job is POSTed under its prompt_id, minted before the POST and stored first, so a
 POST whose outcome is unknown (timeout, broken connection, proxy killed mid-POST) is asked
@@ -29,11 +29,14 @@ LINKS_UP_WAIT_S = 1.0
 
 
 class FairQueue:
-    """Queued job ids: per owner in FIFO order (by ``order``), owners in round-robin order.
-    Pure bookkeeping: no I/O, no clock."""
+    """Queued job ids: per owner in FIFO order (by ``order``), owners least recently served
+    first (ties: who came first), so an owner never gets a second turn while another one
+    waits for its first, newcomers included. Pure bookkeeping: no I/O, no clock."""
 
     def __init__(self) -> None:
-        self._owners: OrderedDict[str, OrderedDict[str, int]] = OrderedDict()
+        self._owners: dict[str, OrderedDict[str, int]] = {}  # in order of arrival
+        self._served: dict[str, int] = {}  # owner -> when last served (a counter)
+        self._turns = 0
 
     def add(self, owner: str, job_id: str, order: int) -> None:
         """Queue a job; one that comes back (ComfyUI lost it) goes ahead of later ones."""
@@ -51,18 +54,28 @@ class FairQueue:
             jobs.pop(job_id, None)
             if not jobs:
                 del self._owners[owner]
+                self._forget_old_turns()
+
+    def _forget_old_turns(self) -> None:
+        """Drop the turns of owners gone from the queue that no longer change anyone's place
+        (older than every waiting owner's): the record stays bounded."""
+        if len(self._served) <= 2 * len(self._owners) + 64:
+            return
+        oldest = min((self._served.get(o, 0) for o in self._owners), default=self._turns + 1)
+        self._served = {o: t for o, t in self._served.items() if t >= oldest or o in self._owners}
 
     def head(self, owner: str) -> str | None:
         jobs = self._owners.get(owner)
         return next(iter(jobs)) if jobs else None
 
     def rotate(self, owner: str) -> None:
-        """The owner was served: to the back of the round-robin."""
-        if owner in self._owners:
-            self._owners.move_to_end(owner)
+        """The owner was served: after everyone not served since."""
+        self._turns += 1
+        self._served[owner] = self._turns
 
     def owners(self) -> list[str]:
-        return list(self._owners)
+        """Owners with queued jobs, in the order they are to be served."""
+        return sorted(self._owners, key=lambda owner: self._served.get(owner, 0))  # stable: arrival breaks ties
 
     def size(self, owner: str) -> int:
         return len(self._owners.get(owner, ()))

@@ -168,7 +168,10 @@ class Reconciler:
             if job.outcome_unknown and job.state == JobState.QUEUED and not job.backend:
                 self.tracker.move(job, JobState.QUEUED, outcome_unknown=False)
             return
-        ready_before = self.links.ready(job.owner, backend.name)  # registered before we asked
+        # The socket registered before we ask: if it is still the same one when the answer
+        # comes, it has heard everything since (an end of the job would have reached it).
+        link = self.links.get(job.owner, backend.name)
+        socket_before = link.connections if link is not None and link.ready.is_set() else None
         answer = await locate(backend, job.job_id)
         if job.finished:
             return
@@ -196,11 +199,12 @@ class Reconciler:
                 self.tracker.move(job, state, outcome_unknown=False)
             elif job.outcome_unknown:
                 self.tracker.move(job, job.state, outcome_unknown=False)
-            link = self.links.get(job.owner, backend.name)
-            if where == "running" and link is not None and link.ready.is_set() and link.running is None:
+            same_socket = (socket_before is not None and self.links.get(job.owner, backend.name) is link
+                           and link.ready.is_set() and link.connections == socket_before)
+            if where == "running" and same_socket and link.running is None and job.job_id not in link.ended:
                 link.running = job.job_id  # its text frames and previews are ours again
-            if where == "pending" and ready_before:
-                job.gap = False  # heard whole from its start: the socket was registered before
+            if where == "pending" and same_socket:
+                job.gap = False  # it will be heard whole from its start
             if job.final_seen:
                 self._retry_soon(job.job_id)  # its final came; the history is written a moment later
 

@@ -230,6 +230,14 @@ class JobTracker:
             if output is not None and isinstance(node, str):
                 job.outputs[node] = output
                 self.save(job)
+        elif kind == "executing" and routed.data.get("node", "") is None:
+            # ComfyUI's end marker for a job whose final event we never heard (it went to a
+            # socket that was down): its history is written by now; read the outcome there.
+            self._deliver(job, kind, frame)
+            job.final_seen = True
+            for listener in list(self.gap_final_listeners):
+                listener(job)
+            return
         elif kind in FINAL_EVENTS:
             if job.gap:
                 # Events were missed before this socket heard the job again: read the whole
