@@ -198,10 +198,10 @@ def application_settings(settings) -> dict:
     }
 
 
-def make_app(settings, *, clock: Callable[[], float] = time.monotonic,
+def make_app(settings, *, clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
              http_client: AsyncHTTPClient | None = None) -> tuple[tornado.web.Application, ProxyState]:
     """Build the standalone Application and its state. Call ``state.start()`` once the loop runs."""
-    state = ProxyState(settings, clock=clock, http_client=http_client)
+    state = ProxyState(settings, clock=clock, wall=wall, http_client=http_client)
     app = tornado.web.Application(routes(state), **application_settings(settings))
     return app, state
 

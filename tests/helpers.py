@@ -153,11 +153,13 @@ class Client:
 
 
 class ProxyHarness:
-    def __init__(self, *, simulator: bool = True, clock=None, sim_kwargs: dict | None = None, **overrides):
+    def __init__(self, *, simulator: bool = True, clock=None, wall=None, sim_kwargs: dict | None = None,
+                 **overrides):
         self.overrides = overrides
         self.use_simulator = simulator
         self.sim_kwargs = sim_kwargs or {}
         self.clock = clock
+        self.wall = wall  # the epoch clock of stored timestamps and time limits
         self.key = DevKey.generate()
         self.clients: list[Client] = []
         self.sim = None
@@ -187,7 +189,7 @@ class ProxyHarness:
         return self
 
     def _start_proxy(self, port: int) -> None:
-        kwargs = {"clock": self.clock} if self.clock is not None else {}
+        kwargs = {name: value for name, value in (("clock", self.clock), ("wall", self.wall)) if value is not None}
         self.app, self.state = make_app(self.settings, **kwargs)
         sockets = bind_sockets(port, "127.0.0.1")
         self.port = sockets[0].getsockname()[1]

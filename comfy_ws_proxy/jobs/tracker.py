@@ -246,8 +246,11 @@ class JobTracker:
                 for listener in list(self.gap_final_listeners):
                     listener(job)
                 return
+            state = self.final_state(job, FINAL_EVENTS[kind])
+            if state == JobState.TIMED_OUT:
+                self.notify(job, "prompt_timed_out", {"prompt_id": job.job_id, "timeout_s": job.timeout_s})
             self._deliver(job, kind, frame)
-            self.finish(job, self.final_state(job, FINAL_EVENTS[kind]), result=routed.data)
+            self.finish(job, state, result=routed.data)
             return
         self._deliver(job, kind, frame)
 
@@ -260,8 +263,6 @@ class JobTracker:
 
     # --- outcomes -------------------------------------------------------------------------------
     def finish(self, job: Job, state: str, *, result: dict | None = None) -> None:
-        if state == JobState.TIMED_OUT and not job.told:
-            self.notify(job, "prompt_timed_out", {"prompt_id": job.job_id, "timeout_s": job.timeout_s})
         self.move(job, state, outcome_unknown=False, result=result)
         self.metrics.prompts.labels(state).inc()
         log.info("prompt finished user=%s prompt=%s outcome=%s", job.owner, job.job_id, state)
