@@ -16,6 +16,10 @@ from .logs import configure_logging
 
 log = logging.getLogger("comfy_ws_proxy")
 
+# An idle keep-alive HTTP connection is closed after this long: above the keepalive_timeout of
+# nginx's upstream connections (60 s by default), so nginx, not the proxy, ends them first.
+IDLE_HTTP_CONNECTION_S = 75
+
 
 def main(argv: list[str] | None = None) -> int:
     try:
@@ -38,7 +42,7 @@ async def serve(settings) -> int:
         where = "JWT_KEY_FILE" if settings.jwt_key_file and settings.jwt_key_file in str(e) or isinstance(e, ValueError) \
             else "STORE_PATH"
         raise ConfigError(f"{where}: {e}") from None
-    server = HTTPServer(app, xheaders=settings.trust_forwarded, idle_connection_timeout=75)
+    server = HTTPServer(app, xheaders=settings.trust_forwarded, idle_connection_timeout=IDLE_HTTP_CONNECTION_S)
     try:
         server.listen(settings.port, settings.host)
     except OSError as e:

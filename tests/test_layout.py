@@ -20,7 +20,7 @@ ALLOWED = {
     "jobs": {"model", "metrics", "backends", "store"},
     "gateway": BASE | {"jobs"},
     "api": BASE | {"jobs", "backends"},
-    "client": {"gateway"},
+    "client": {"gateway", "model"},
     "app": BASE | {"store", "backends", "jobs", "gateway", "api", "__init__"},
     "__main__": BASE | {"app"},
     "testing": set(),

@@ -68,7 +68,6 @@ class Backend:
         self.inflight = 0  # calls in progress, for graceful shutdown
         self._idle = asyncio.Event()
         self._idle.set()
-        self.last_probe_ok: bool | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -192,7 +191,6 @@ class Backend:
             ok = False
         finally:
             self._probe_running = False
-        self.last_probe_ok = ok
         if ok:
             self.breaker.probe_succeeded(self.clock())
         else:

@@ -17,10 +17,6 @@ class BreakerState(str, enum.Enum):
     HALF_OPEN = "half_open"
 
 
-# Prometheus / JSON give the state as a number too.
-STATE_VALUES = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
-
-
 class CircuitBreaker:
     """Opens after ``failure_threshold`` consecutive countable failures.
 

@@ -21,9 +21,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..model import FINAL_EVENTS
 from .frames import BINARY_PREVIEW_WITH_METADATA, BINARY_TEXT, binary_event_type, preview_metadata
-
-FINAL_KINDS = frozenset({"execution_success", "execution_error", "execution_interrupted"})
 
 
 @dataclass(frozen=True)
@@ -77,7 +76,7 @@ def next_running(running: str | None, routed: Routed) -> str | None:
     """The job a socket sees running after this frame (starts and ends as the socket saw them)."""
     if routed.kind == "execution_start":
         return routed.job_id
-    if routed.job_id == running and (routed.kind in FINAL_KINDS or
+    if routed.job_id == running and (routed.kind in FINAL_EVENTS or
                                      (routed.kind == "executing" and routed.data.get("node", "") is None)):
         return None
     return running

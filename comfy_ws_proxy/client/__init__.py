@@ -22,10 +22,11 @@ from tornado.httpclient import HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 from ..gateway.protocol import SUBPROTOCOL
+from ..model import FINAL_EVENTS
 
 log = logging.getLogger(__name__)
 
-FINAL = {"execution_success": "success", "execution_error": "error", "execution_interrupted": "interrupted"}
+FINAL = FINAL_EVENTS  # ComfyUI's final event -> the Result's status
 
 
 class ProxyError(Exception):

@@ -44,7 +44,6 @@ class Session:
         # created on first use (an empty deque costs 760 bytes; most idle sessions need none).
         self.buffer: deque[tuple[int, str, str | None]] | None = None
         self.buffer_bytes = 0
-        self.created = now
         self.last_activity = now
 
     # --- what the jobs publish (JobSubscriber) --------------------------------------------------

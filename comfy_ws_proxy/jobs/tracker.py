@@ -18,7 +18,7 @@ import json
 import logging
 import time
 from collections import Counter
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Protocol
 
 from ..backends.routing import Routed
 from ..metrics import Metrics
@@ -342,6 +342,3 @@ class JobTracker:
         return {"prompts_queued": states.get(JobState.QUEUED, 0),
                 "prompts_pending": states.get(JobState.PENDING, 0) + states.get(JobState.SUBMITTING, 0),
                 "prompts_running": states.get(JobState.RUNNING, 0)}
-
-    def all_owners(self) -> Iterable[str]:
-        return list(self.by_owner)
