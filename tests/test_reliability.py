@@ -361,3 +361,30 @@ async def test_chaos_every_prompt_runs_exactly_once_and_every_owner_hears(io_loo
             assert any(m["type"] == "prompt_accepted" and m["data"]["prompt_id"] == prompt_id
                        and m["data"].get("resubmitted") for client in everyone[user]
                        for m in client.json_messages()), prompt_id
+
+
+async def test_a_prompt_cancelled_while_its_post_hangs_never_runs(io_loop):
+    async with ProxyHarness(max_connections_per_user=2) as h:
+        alice = await h.connect("alice")
+        other_tab = await h.connect("alice")
+        h.sim.stall_post_prompt = "before_enqueue"
+        h.sim.paused = True  # a busy ComfyUI: what it takes waits in its queue
+        prompt_id = str(uuid.uuid4())
+        alice.send("submit_prompt", {"prompt": workflow("success"), "prompt_id": prompt_id})
+        await h.sim.wait_stalled(1)
+        assert h.state.tracker.get(prompt_id).state == "submitting"
+        other_tab.send("cancel", {"prompt_id": prompt_id})
+        await other_tab.next("prompt_cancelled", lambda m: m["data"]["prompt_id"] == prompt_id)
+        h.sim.stall_post_prompt = None
+        h.sim.release_stalled()  # ComfyUI takes it after all: the proxy takes it back out
+        await alice.next("prompt_cancelled", lambda m: m["data"]["prompt_id"] == prompt_id)
+        alice.send("ping")  # answered once the submit's handling (the POST, the withdrawal) is over
+        await alice.next("pong")
+        assert h.sim.queue_remaining() == 0
+        h.sim.paused = False
+        await h.sim.wait_idle()
+        await h.state.service.wait_settled(TIMEOUT)
+        assert ("POST", "/queue") in h.sim.requests
+        assert h.sim.execution_counts[prompt_id] == 0
+        assert h.state.tracker.get(prompt_id).state == "cancelled"
+        assert not [m for m in alice.json_messages() if m["type"] == "prompt_accepted"]

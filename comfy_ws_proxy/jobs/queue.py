@@ -209,6 +209,10 @@ class JobQueue:
                 self.tracker.notify(job, "prompt_accepted", accepted_data(job, queued=False, reconciled=True))
             return False
         self.metrics.comfy_duration.labels(backend.name, "ok").observe(self.clock() - started)
+        if job.state == JobState.CANCELLED:
+            # Cancelled while its POST was in flight: the owner was told, so it must not run.
+            await self._withdraw(job, backend)
+            return True
         number = result.get("number")
         if job.state == JobState.SUBMITTING:  # events may already have moved it on
             self.tracker.move(job, JobState.PENDING, number=number, outcome_unknown=False)
@@ -225,6 +229,13 @@ class JobQueue:
             job, queued=False, node_errors=result.get("node_errors", {}), resubmitted=resubmitted))
         self.links.expect_status(link, sent_at)
         return True
+
+    async def _withdraw(self, job: Job, backend: Backend) -> None:
+        try:
+            await backend.delete_queued(job.job_id)
+            await backend.interrupt(job.job_id)  # in case it started already (never a global one)
+        except (ComfyUnavailable, ComfyRejected):
+            log.warning("could not withdraw a cancelled prompt from ComfyUI user=%s prompt=%s", job.owner, job.job_id)
 
     # --- the drain --------------------------------------------------------------------------------
     def kick(self) -> None:
