@@ -33,6 +33,10 @@ from .store import open_store
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("comfy_ws_proxy.access")
 
+# How often a backend checks whether its breaker's half-open probe is due: a probe starts at
+# most this late after the open period ends (and never later than one open period).
+PROBE_CHECK_MS = 500
+
 
 class LoopLagMonitor:
     """Measures how late a PeriodicCallback runs: the IOLoop's scheduling lag."""
@@ -77,7 +81,7 @@ class ProxyState:
                           connect_timeout=settings.comfy_connect_timeout_ms / 1000,
                           request_timeout=settings.comfy_request_timeout_ms / 1000,
                           probe_timeout=settings.breaker_probe_timeout_ms / 1000,
-                          probe_interval_ms=min(500, settings.breaker_open_ms))
+                          probe_interval_ms=min(PROBE_CHECK_MS, settings.breaker_open_ms))
         self.metrics.set_breaker(backend.name, backend.breaker.state.value)
         backend.add_breaker_listener(lambda old, new: self._breaker_changed(backend.name, new.value))
         self.pool = BackendPool([backend], queue_depth=settings.backend_queue_depth)

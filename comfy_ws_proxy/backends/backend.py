@@ -48,7 +48,7 @@ class Backend:
     def __init__(self, base_url: str, http_client: AsyncHTTPClient, *, name: str = "default",
                  connect_timeout: float = 5.0, request_timeout: float = 30.0, probe_timeout: float = 2.0,
                  breaker: CircuitBreaker | None = None, clock: Callable[[], float] = time.monotonic,
-                 probe_interval_ms: float = 500):
+                 probe_interval_ms: float = 500):  # how often a due probe is looked for
         self.name = name
         self.base_url = base_url.rstrip("/")
         parts = urlsplit(self.base_url)
