@@ -98,6 +98,18 @@ async def raw_upgrade(port: int, token: str, rcvbuf: int = 4096):
     return reader, writer
 
 
+async def read_text_frame(reader) -> bytes:
+    """One unmasked server text frame's payload."""
+    head = await reader.readexactly(2)
+    assert head[0] == 0x81
+    n = head[1] & 0x7F
+    if n == 126:
+        n = struct.unpack(">H", await reader.readexactly(2))[0]
+    elif n == 127:
+        n = struct.unpack(">Q", await reader.readexactly(8))[0]
+    return await reader.readexactly(n)
+
+
 async def read_close_code(reader) -> int:
     """Read server frames until its close frame; return the close code."""
     data = b""
@@ -324,6 +336,8 @@ async def test_frames_stay_whole_and_in_order_when_the_socket_backs_up(io_loop):
     once the peer's buffers are full: the client still reads every frame, whole, in order."""
     async with ProxyHarness(max_outbound_buffer_bytes=16 * 1024 * 1024) as h:
         reader, writer = await raw_upgrade(h.port, h.token("alice"))
+        first = await asyncio.wait_for(read_text_frame(reader), TIMEOUT)
+        assert json.loads(first)["type"] == "session"  # the connection is open for the session's messages
         session = h.state.registry.sessions["alice"]
         conn = next(iter(session.connections))
         for i in range(4000):

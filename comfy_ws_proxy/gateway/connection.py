@@ -49,6 +49,7 @@ class ClientConnection(WebSocketHandler):
         self.ping_sent_at: float | None = None  # an unanswered ping
         self._upgrade_slot = False  # holds one of registry.upgrades until open() starts
         self.replayed: list[str] = []  # jobs whose owed outcome this connection got at open
+        self.greeted = False  # its ``session`` message went out: the session may write to it
 
     # --- the upgrade ------------------------------------------------------------------------------
     async def get(self, *args, **kwargs):
@@ -150,8 +151,11 @@ class ClientConnection(WebSocketHandler):
         ready = await self.service.wait_ready(identity.user_id, self.service.ready_timeout)
         if self.ws_connection is None or self.session is None:
             return  # the client left while we waited
+        # ``session`` is the first message on a connection: until it went, nothing of the
+        # user's jobs is sent here (an outcome published meanwhile is owed, and comes below).
         session.reply(self, "session", {"session_id": session.session_id, "user_id": identity.user_id,
                                         "resumed": False})
+        self.greeted = True
         if not ready:
             session.reply(self, "error", {"code": ErrorCode.COMFY_UNAVAILABLE,
                                           "message": "ComfyUI is temporarily unavailable",

@@ -58,9 +58,14 @@ class Session:
             text = protocol.with_seq(frame, self.next_seq())
             return self._fan_out(text, type_class(kind), job.job_id if job is not None else None)
         kind_class = "text" if kind == "text" else "preview"
-        for conn in list(self.connections):
+        live = self.live_connections()
+        for conn in live:
             conn.send_binary(frame, kind_class)
-        return bool(self.connections)
+        return bool(live)
+
+    def live_connections(self) -> list:
+        """The connections that had their ``session`` message (the only ones written to)."""
+        return [conn for conn in self.connections if conn.greeted]
 
     # --- sending --------------------------------------------------------------------------------
     def next_seq(self) -> int:
@@ -77,9 +82,10 @@ class Session:
 
     def _fan_out(self, text: str, kind_class: str, job_id: str | None) -> bool:
         self._keep(text, job_id)
-        for conn in list(self.connections):
+        live = self.live_connections()
+        for conn in live:
             conn.send_text(text, kind_class)
-        return bool(self.connections)
+        return bool(live)
 
     def _keep(self, text: str, job_id: str | None) -> None:
         s = self.registry.settings

@@ -74,6 +74,7 @@ class Reconciler:
         self._timer = PeriodicCallback(self.tick, WATCHDOG_TICK_S * 1000)
         self.retry: set[str] = set()  # jobs ComfyUI could not be asked about yet
         self.asking: dict[str, asyncio.Future] = {}  # job id -> the question in flight
+        self.again: set[str] = set()  # jobs to ask once more when their question is answered
         self._retry_handle: asyncio.TimerHandle | None = None
         self._interrupts: set[asyncio.Future] = set()  # time-limit interrupts in flight
         self._stopped = False
@@ -137,8 +138,13 @@ class Reconciler:
         self.queue.kick()
 
     def ask(self, job: Job) -> None:
-        """Find out where the job is and act on it; one question per job at a time."""
-        if self._stopped or job.job_id in self.asking or job.finished:
+        """Find out where the job is and act on it; one question per job at a time. Asked
+        while a question is in flight, it is asked again once that one is answered (the
+        answer may be from before what prompted the new question, e.g. a link coming up)."""
+        if self._stopped or job.finished:
+            return
+        if job.job_id in self.asking:
+            self.again.add(job.job_id)
             return
         task = asyncio.ensure_future(self._reconcile(job))
         self.asking[job.job_id] = task
@@ -149,6 +155,11 @@ class Reconciler:
         if not task.cancelled() and task.exception() is not None:
             log.error("reconciling prompt %s failed", job_id, exc_info=task.exception())
             self._retry_soon(job_id)
+        elif job_id in self.again:
+            self.again.discard(job_id)
+            job = self.tracker.get(job_id)
+            if job is not None:
+                self.ask(job)
         self.changed()
 
     def _retry_soon(self, job_id: str) -> None:
