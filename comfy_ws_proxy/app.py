@@ -89,7 +89,8 @@ class ProxyState:
         # the domain
         self.tracker = JobTracker(self.store, self.metrics, clock, wall)
         self.links = LinkManager(settings, self.store.client_id, self.tracker, self.metrics)
-        self.queue = JobQueue(self.tracker, self.pool, self.links, self.metrics, clock)
+        self.queue = JobQueue(self.tracker, self.pool, self.links, self.metrics, clock,
+                              max_attempts=settings.max_submit_attempts)
         self.reconciler = Reconciler(self.tracker, self.queue, self.pool, self.links, settings, clock)
         self.service = JobService(self.tracker, self.queue, self.reconciler, self.pool, self.links, self.metrics,
                                   settings, clock)

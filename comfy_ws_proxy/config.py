@@ -85,6 +85,9 @@ OPTIONS: tuple[Option, ...] = (
     _opt("job_execution_timeout_s", "float", 0.0,
          "Execution time limit of a job (seconds from execution_start; 0: none). A job past it is "
          "interrupted and ends timed_out; a request's own timeout_s may only lower it.", minimum=0),
+    _opt("max_submit_attempts", "int", 3,
+         "POSTs of one prompt that ComfyUI may answer with a 5xx while it is up (a poison prompt); "
+         "after that the prompt fails with comfy_error and its owner is told.", minimum=1),
     _opt("backend_queue_depth", "int", 0,
          "Jobs of ours one ComfyUI may hold at once (running plus waiting in its queue); the rest wait, "
          "fairly, in the proxy. 0: no limit.", minimum=0),

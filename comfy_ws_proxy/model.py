@@ -96,6 +96,7 @@ class ErrorCode:
     QUEUE_FULL = "queue_full"
     INVALID_MESSAGE = "invalid_message"
     INVALID_PROMPT = "invalid_prompt"
+    COMFY_ERROR = "comfy_error"  # ComfyUI failed (5xx) on this prompt, again and again
     MESSAGE_TOO_LARGE = "message_too_large"
     RATE_LIMITED = "rate_limited"
     NOT_FOUND = "not_found"

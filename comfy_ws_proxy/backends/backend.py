@@ -35,6 +35,15 @@ class ComfyUnavailable(Exception):
         self.outcome_unknown = outcome_unknown
 
 
+class ComfyFailed(Exception):
+    """ComfyUI answered 5xx to this request, but it is up (a probe right after answered): the
+    request itself breaks ComfyUI (a poison prompt). Not a breaker failure."""
+
+    def __init__(self, status: int):
+        super().__init__(f"HTTP {status}")
+        self.status = status
+
+
 class ComfyRejected(Exception):
     """ComfyUI answered 4xx: the request itself is wrong. Not a breaker failure."""
 
@@ -98,10 +107,14 @@ class Backend:
 
     # --- calls -----------------------------------------------------------------------------
     async def call(self, method: str, path: str, body: Any = None, *, timeout: float | None = None,
-                   count_failures: bool = True, bypass_breaker: bool = False) -> tuple[int, Any]:
+                   count_failures: bool = True, bypass_breaker: bool = False, observe: bool = True,
+                   confirm_5xx: bool = False) -> tuple[int, Any]:
         """One HTTP call to ComfyUI; returns (status, parsed JSON or None).
 
         Raises ComfyUnavailable (breaker open, connect error, timeout, 5xx) or ComfyRejected (4xx).
+        ``observe=False``: the answer tells the breaker nothing (a readiness check).
+        ``confirm_5xx``: a 5xx is first checked with a probe; if ComfyUI answers that, the
+        request itself was the problem: ComfyFailed, not counted.
         """
         if not bypass_breaker and not self.breaker.allow(self.clock()):
             raise ComfyUnavailable("breaker_open")
@@ -133,13 +146,15 @@ class Backend:
                 self._idle.set()
         status = response.code
         if status >= 500:
-            self._failed(count_failures)
+            if confirm_5xx and await self.answers(self.probe_timeout):
+                raise ComfyFailed(status)
+            self._failed(count_failures and observe)
             raise ComfyUnavailable(f"HTTP {status}")
         parsed = _parse_json(response.body)
-        if status >= 400:
+        if observe:
             self.breaker.record_success(self.clock())  # ComfyUI answered: it is up
+        if status >= 400:
             raise ComfyRejected(status, parsed)
-        self.breaker.record_success(self.clock())
         return status, parsed
 
     def _failed(self, count: bool) -> None:
@@ -147,7 +162,7 @@ class Backend:
             self.breaker.record_failure(self.clock())
 
     async def submit_prompt(self, body: dict) -> dict:
-        _, parsed = await self.call("POST", "/prompt", body)
+        _, parsed = await self.call("POST", "/prompt", body, confirm_5xx=True)
         return parsed if isinstance(parsed, dict) else {}
 
     async def history(self, prompt_id: str) -> dict:
@@ -196,10 +211,11 @@ class Backend:
         else:
             self.breaker.probe_failed(self.clock())
 
-    async def check_reachable(self, timeout: float) -> bool:
-        """For /ready: a cheap GET /prompt that does not touch the breaker."""
+    async def answers(self, timeout: float) -> bool:
+        """Does ComfyUI answer a cheap GET /prompt? Tells the breaker nothing either way (a
+        readiness check must not reset its count of failures)."""
         try:
-            await self.call("GET", "/prompt", timeout=timeout, count_failures=False, bypass_breaker=True)
+            await self.call("GET", "/prompt", timeout=timeout, bypass_breaker=True, observe=False)
             return True
         except (ComfyUnavailable, ComfyRejected):
             return False

@@ -13,7 +13,7 @@ import logging
 from collections import OrderedDict
 from typing import Callable
 
-from ..backends.backend import Backend, ComfyRejected, ComfyUnavailable
+from ..backends.backend import Backend, ComfyFailed, ComfyRejected, ComfyUnavailable
 from ..backends.link import ComfyLink
 from ..backends.links import LinkManager
 from ..backends.pool import BackendPool
@@ -112,8 +112,9 @@ class JobQueue:
     """Drains the FairQueue onto the backends; POSTs one job (``post``)."""
 
     def __init__(self, tracker: JobTracker, pool: BackendPool, links: LinkManager, metrics: Metrics,
-                 clock: Callable[[], float]):
+                 clock: Callable[[], float], *, max_attempts: int = 3):
         self.tracker = tracker
+        self.max_attempts = max_attempts  # POSTs a poison prompt gets (see ComfyFailed)
         self.pool = pool
         self.links = links
         self.metrics = metrics
@@ -194,6 +195,24 @@ class JobQueue:
             log.info("prompt rejected user=%s prompt=%s status=%s", job.owner, job.job_id, e.status)
             self.metrics.prompts.labels("rejected").inc()
             self.tracker.end_without_running(job, JobState.REJECTED, "error", rejection_data(job, e))
+            return True
+        except ComfyFailed as e:
+            # ComfyUI is up and broke on this prompt. Not a reason to hold anyone else up (the
+            # drain goes on), and only max_attempts times: then it fails, and its owner is told.
+            self.metrics.comfy_duration.labels(backend.name, "failed").observe(self.clock() - started)
+            log.warning("ComfyUI failed on a prompt (HTTP %s) user=%s prompt=%s attempt=%d", e.status, job.owner,
+                        job.job_id, job.attempts)
+            if job.state != JobState.SUBMITTING:
+                return True  # its events came meanwhile: ComfyUI has it after all
+            if job.attempts >= self.max_attempts:
+                self.metrics.prompts.labels("rejected").inc()
+                self.tracker.end_without_running(job, JobState.REJECTED, "error", {
+                    "code": ErrorCode.COMFY_ERROR, "prompt_id": job.job_id, "status": e.status,
+                    "message": f"ComfyUI failed on this prompt (HTTP {e.status}) {job.attempts} times"})
+                return True
+            self.tracker.move(job, JobState.QUEUED)
+            if not announced:
+                self.announce_queued(job)
             return True
         except ComfyUnavailable as e:
             self.metrics.comfy_duration.labels(backend.name, "unavailable").observe(self.clock() - started)

@@ -97,7 +97,7 @@ class JobService:
             raise RequestError(ErrorCode.RATE_LIMITED, details={"retry_after": round(wait, 3)},
                                prompt_id=request.prompt_id)
         job_id = request.prompt_id or str(uuid.uuid4())
-        if self.tracker.get(job_id) is not None:
+        if self.tracker.id_taken(job_id):
             # Never reveal whose it is; never let a client attach to another user's job.
             raise RequestError(ErrorCode.INVALID_MESSAGE, "prompt_id is already in use", prompt_id=job_id)
         if self.tracker.waiting_count(owner) >= self.settings.max_queued_prompts_per_user:

@@ -85,6 +85,10 @@ class JobTracker:
         job = self.jobs.get(job_id)
         return job if job is not None and job.owner == owner else None
 
+    def id_taken(self, job_id: str) -> bool:
+        """Is (or was) this id some job's? Then it is never used again, whoever asks."""
+        return job_id in self.jobs or self.store.id_used(job_id)
+
     def owns(self, owner: str, job_id: str) -> bool:
         job = self.jobs.get(job_id)
         return job is not None and job.owner == owner

@@ -21,7 +21,11 @@ class JobStore(Protocol):
         """Write the job's durable fields."""
 
     def delete(self, job_ids: Iterable[str]) -> None:
-        ...
+        """Forget these jobs. Their ids stay used: never reusable, by anyone."""
+
+    def id_used(self, job_id: str) -> bool:
+        """Was this id ever a job's (a forgotten one's)? ComfyUI's history of an id outlives
+        our record of it, so a new job under an old id would be served the old owner's files."""
 
     def client_id(self, owner: str, backend: str) -> str:
         """ComfyUI's client id for this (owner, backend): minted once, the same after any

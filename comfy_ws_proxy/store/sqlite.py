@@ -32,6 +32,9 @@ CREATE TABLE IF NOT EXISTS prompts (
     backend TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS prompts_unfinished ON prompts(state, ord);
+CREATE TABLE IF NOT EXISTS forgotten_ids (
+    prompt_id TEXT PRIMARY KEY
+);
 CREATE TABLE IF NOT EXISTS client_ids (
     user_id TEXT NOT NULL,
     backend TEXT NOT NULL,
@@ -97,7 +100,15 @@ class SqliteJobStore:
                                   int(j.told)))
 
     def delete(self, job_ids: Iterable[str]) -> None:
-        self.db.executemany("DELETE FROM prompts WHERE prompt_id = ?", [(i,) for i in job_ids])
+        """Forget jobs; their ids stay used (see ``id_used``)."""
+        rows = [(i,) for i in job_ids]
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.executemany("DELETE FROM prompts WHERE prompt_id = ?", rows)
+            self.db.executemany("INSERT OR IGNORE INTO forgotten_ids (prompt_id) VALUES (?)", rows)
+
+    def id_used(self, job_id: str) -> bool:
+        return self.db.execute("SELECT 1 FROM forgotten_ids WHERE prompt_id = ?", (job_id,)).fetchone() is not None
 
     def client_id(self, owner: str, backend: str) -> str:
         row = self.db.execute("SELECT client_id FROM client_ids WHERE user_id = ? AND backend = ?",

@@ -497,7 +497,12 @@ def validate_prompt(prompt: Any, partial_targets: Any) -> tuple[list[str], dict]
         if "class_type" not in node:
             raise PromptError("invalid_prompt", "Cannot execute because a node is missing the class_type property.",
                               f"Node ID '#{node_id}'")
+        # ComfyUI looks it up with NODE_CLASS_MAPPINGS.get(class_type): an unhashable class_type
+        # (a list, an object) raises TypeError there, so the answer is a 500, not a 400 (seen on
+        # a real 0.3.64 with {"class_type": ["SaveImage"]}).
         node_class = NODE_CLASSES.get(node["class_type"]) if isinstance(node["class_type"], str) else None
+        if isinstance(node["class_type"], (list, dict)):
+            raise TypeError(f"unhashable type: '{type(node['class_type']).__name__}'")
         if node_class is None:
             raise PromptError("invalid_prompt", f"Cannot execute because node {node['class_type']} does not exist.",
                               f"Node ID '#{node_id}'")

@@ -1,0 +1,95 @@
+"""Findings of the attack review (issue 15), each reproduced first."""
+import asyncio
+import struct
+
+from .helpers import TIMEOUT, ProxyHarness, job_finished, workflow
+
+
+def text_frames(client) -> list[bytes]:
+    return [f for f in client.binary_frames() if struct.unpack(">I", f[:4])[0] == 3]
+
+
+async def test_after_a_dropped_socket_another_users_text_frames_never_arrive(io_loop):
+    """Finding 1: alice's upstream socket drops while her prompt runs and it finishes meanwhile;
+    bob's prompt then broadcasts a type-3 text frame to every socket. Not to alice."""
+    async with ProxyHarness(upstream_reconnect_min_ms=2000, upstream_reconnect_max_ms=2000) as h:
+        alice = await h.connect("alice")
+        bob = await h.connect("bob")
+        hold = h.sim.hold_node("4")  # GetImageSize: its text frame comes after the hold
+        mine = workflow("success")
+        mine["1"]["inputs"]["color"] = 1
+        reply = await alice.submit(mine)
+        prompt_id = reply["data"]["prompt_id"]
+        await asyncio.wait_for(hold.reached, TIMEOUT)
+        await alice.next("executing", lambda m: m["data"].get("node") == "4")
+        finished = job_finished(h.state, prompt_id)
+        h.sim.drop_websockets()  # both users' upstream sockets go; they come back in 2 s
+        hold.release()           # alice's prompt finishes while nobody hears it
+        await h.sim.wait_idle()
+        h.state.reconciler.tick()  # (the watchdog would ask; ask now)
+        await asyncio.wait_for(finished, TIMEOUT)
+        await h.sim.wait_ws_clients(lambda clients: len(clients) == 2, TIMEOUT)  # both back
+        await h.state.service.wait_settled(TIMEOUT)
+        before = len(text_frames(alice))
+        theirs = workflow("success")
+        theirs["1"]["inputs"]["color"] = 2
+        _, outcome = await bob.run(theirs)
+        assert outcome == "execution_success"
+        assert len(text_frames(bob)) == 1  # bob got his own text frame
+        alice.send("ping")
+        await alice.next("pong")
+        assert len(text_frames(alice)) == before  # and alice none of bob's
+
+
+async def test_an_id_is_never_reused_even_after_its_job_was_forgotten(io_loop):
+    """Finding 4: a new job with the id of a forgotten one would be served the old owner's
+    files (ComfyUI's history of the id outlives our record)."""
+    async with ProxyHarness(store_path="file") as h:
+        alice = await h.connect("alice")
+        mallory = await h.connect("mallory")
+        prompt_id, _ = await alice.run(workflow("success"))
+        h.state.tracker.get(prompt_id).updated_at -= 10 * 86400
+        assert h.state.service.cleanup() == 1 and h.state.tracker.get(prompt_id) is None
+        for client in (mallory, alice):
+            reply = await client.submit(workflow("success"), prompt_id=prompt_id)
+            assert reply["type"] == "error" and reply["data"]["code"] == "invalid_message", reply
+            assert reply["data"]["message"] == "prompt_id is already in use"
+        await h.restart_proxy("term")  # the store remembers
+        mallory = await h.connect("mallory")
+        reply = await mallory.submit(workflow("success"), prompt_id=prompt_id)
+        assert reply["type"] == "error" and reply["data"]["message"] == "prompt_id is already in use"
+        response = await h.get(f"/outputs/{prompt_id}", headers={"Authorization": "Bearer " + h.token("mallory")})
+        assert response.code == 404
+
+
+async def test_a_poison_prompt_gets_a_bounded_number_of_tries_and_holds_nobody_up(io_loop):
+    """Finding 5: a prompt ComfyUI answers with a 500 (it is up: /prompt answers) is not
+    'ComfyUI down': the breaker stays closed, others' prompts go on, and after
+    MAX_SUBMIT_ATTEMPTS the prompt fails and its owner is told."""
+    async with ProxyHarness(max_submit_attempts=3, breaker_failure_threshold=2) as h:
+        mallory = await h.connect("mallory")
+        alice = await h.connect("alice")
+        poison = {"1": {"class_type": ["SaveImage"], "inputs": {}}}
+        reply = await mallory.submit(poison)
+        assert reply["type"] == "prompt_accepted" and reply["data"]["queued"] is True  # 500 #1: try again
+        prompt_id = reply["data"]["prompt_id"]
+        failed = await mallory.next("error", lambda m: m["data"].get("prompt_id") == prompt_id)
+        assert failed["data"]["code"] == "comfy_error" and "3 times" in failed["data"]["message"]
+        assert h.state.tracker.get(prompt_id).state == "rejected"
+        posts = [r for r in h.sim.requests if r == ("POST", "/prompt")]
+        assert len(posts) == 3
+        breaker = h.state.pool.default.breaker
+        assert breaker.transitions == [] and breaker.consecutive_failures == 0
+        _, outcome = await alice.run(workflow("success"))  # nobody else was held up
+        assert outcome == "execution_success"
+        assert len([r for r in h.sim.requests if r == ("POST", "/prompt")]) == 4  # and it was not sent again
+
+
+async def test_ready_never_resets_the_breakers_count_of_failures(io_loop):
+    async with ProxyHarness() as h:
+        breaker = h.state.pool.default.breaker
+        breaker.record_failure(h.state.clock())
+        breaker.record_failure(h.state.clock())
+        response = await h.get("/ready")
+        assert response.code == 200
+        assert breaker.consecutive_failures == 2
