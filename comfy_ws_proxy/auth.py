@@ -25,6 +25,7 @@ BEARER_PREFIX = "bearer."  # the browser subprotocol form of a token: "bearer.<j
 
 MAX_TOKEN_LENGTH = 8192
 MAX_SUB_LENGTH = 256
+MAX_EXP = 2 ** 53  # seconds: beyond this a number stops being exact (and 10**400 overflows a float)
 
 
 class AuthError(Exception):
@@ -288,6 +289,8 @@ class TokenVerifier:
             raise AuthError("bad_signature", "Token signature is invalid") from None
         except jwt.PyJWTError:
             raise AuthError("invalid", "Token is invalid") from None
+        except (ValueError, TypeError, OverflowError):  # a claim PyJWT could not compare
+            raise AuthError("malformed", "Token claims are malformed") from None
         issuer = claims.get("iss")
         if self.issuers and issuer not in self.issuers:
             raise AuthError("bad_issuer", "Token issuer is not accepted")
@@ -305,12 +308,20 @@ class TokenVerifier:
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub or len(sub) > MAX_SUB_LENGTH:
             raise AuthError("missing_claim", "Token 'sub' must be a non-empty string")
+        if any(ord(c) < 32 or ord(c) == 127 for c in sub):  # a newline would forge log lines
+            raise AuthError("malformed", "Token 'sub' must not contain control characters")
         return sub
 
 
 def _exp(claims: dict) -> float | None:
+    """``exp`` as epoch seconds. PyJWT converts a string exp with int() before comparing it;
+    we take only a number (one we then enforce on the open connection), in a sane range."""
     exp = claims.get("exp")
-    return float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else None
+    if exp is None:
+        return None
+    if isinstance(exp, bool) or not isinstance(exp, (int, float)) or not -MAX_EXP < exp < MAX_EXP:
+        raise AuthError("malformed", "Token 'exp' must be a number of seconds")
+    return float(exp)
 
 
 def build_verifier(settings, http_client: AsyncHTTPClient, on_jwks_fetch=None) -> TokenVerifier:

@@ -6,6 +6,10 @@ import logging
 import sys
 import time
 
+import tornado.web
+
+log = logging.getLogger("comfy_ws_proxy")
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -27,3 +31,11 @@ def configure_logging(level: str = "info", json_lines: bool = False) -> None:
     root.setLevel(level.upper())
     # Tornado's own access log would print full URIs (with any ?token=); ours logs paths only.
     logging.getLogger("tornado.access").setLevel(logging.WARNING)
+
+
+def log_uncaught(handler: tornado.web.RequestHandler, typ, value, tb) -> None:
+    """An uncaught exception in a handler, logged with the request's method and path only
+    (never its query: a ?token= must not reach a log line)."""
+    if isinstance(value, tornado.web.HTTPError):
+        return  # an HTTP answer we chose, not a failure
+    log.error("uncaught exception %s %s", handler.request.method, handler.request.path, exc_info=(typ, value, tb))

@@ -1,6 +1,9 @@
 """Findings of the attack review (issue 15), each reproduced first."""
 import asyncio
+import json
 import struct
+
+import pytest
 
 from .helpers import TIMEOUT, ProxyHarness, job_finished, workflow
 
@@ -93,3 +96,29 @@ async def test_ready_never_resets_the_breakers_count_of_failures(io_loop):
         response = await h.get("/ready")
         assert response.code == 200
         assert breaker.consecutive_failures == 2
+
+
+@pytest.mark.parametrize("claims, reason", [
+    ({"exp": 10 ** 400}, "malformed"),          # once a 500 with an HTML body
+    ({"exp": str(10 ** 12)}, "malformed"),      # once accepted, and never enforced
+    ({"sub": "mallory\nINFO forged line"}, "malformed"),  # once a forged log line
+])
+async def test_malformed_claims_are_a_401_with_the_json_shape(io_loop, claims, reason, caplog):
+    """Finding 9 (and the log forgery of 'Smaller')."""
+    async with ProxyHarness(allow_query_token=True) as h:
+        sub = claims.pop("sub", "mallory")
+        token = h.key.token(sub, **claims)
+        status, body = await h.refused(token, via="query")
+        assert status == 401 and body["error"]["code"] == "unauthorized" and body["error"]["reason"] == reason
+        response = await h.get("/outputs/" + "0" * 8 + "-0000-4000-8000-" + "0" * 12,
+                               headers={"Authorization": "Bearer " + token})
+        assert response.code == 401 and json.loads(response.body)["error"]["code"] == "unauthorized"
+        assert token not in caplog.text and "forged line" not in caplog.text
+
+
+async def test_a_malformed_origin_is_a_403_not_a_500(io_loop, caplog):
+    async with ProxyHarness(allow_query_token=True) as h:
+        token = h.token("mallory")
+        status, body = await h.refused(token, via="query", headers={"Origin": "http://["})
+        assert status == 403 and body["error"]["code"] == "forbidden_origin"
+        assert token not in caplog.text and "Traceback" not in caplog.text

@@ -273,6 +273,7 @@ async def test_outputs_are_served_only_to_their_owner_and_only_listed_files(io_l
         f = next(f for f in files if f["type"] == "output")
         query = f"filename={f['filename']}&subfolder=&type=output"
         image = await h.get(f"/outputs/{prompt_id}/view?{query}", mine)
+        assert image.headers.get("X-Content-Type-Options") == "nosniff"  # (finding: it was missing)
         assert image.code == 200 and image.body.startswith(b"\x89PNG")
         assert (await h.get(f"/outputs/{prompt_id}", theirs)).code == 404          # not Bob's
         assert (await h.get(f"/outputs/{prompt_id}/view?{query}", theirs)).code == 404

@@ -8,6 +8,7 @@ import tornado.httputil
 import tornado.web
 
 from ..auth import AuthError, Identity, TokenVerifier, extract_token
+from ..logs import log_uncaught
 from ..metrics import Metrics
 
 
@@ -21,6 +22,9 @@ class JsonHandler(tornado.web.RequestHandler):
     def write_json(self, data, status: int = 200) -> None:
         self.set_status(status)
         self.finish(json.dumps(data, separators=(",", ":")))
+
+    def log_exception(self, typ, value, tb):
+        log_uncaught(self, typ, value, tb)
 
     def write_error(self, status_code, **kwargs):
         """Tornado's errors (an unknown method, an exception) in our JSON shape."""

@@ -64,6 +64,7 @@ class OutputsHandler(UserHandler):
         if backend is None or wanted not in {(f["filename"], f["subfolder"], f["type"]) for f in files}:
             return self.write_json_error(404, "not_found", "No such output")
         self.clear_header("Content-Type")
+        self.set_header("X-Content-Type-Options", "nosniff")  # before the first chunk flushes the headers
         started = False
 
         def on_headers(line: str) -> None:
@@ -80,5 +81,4 @@ class OutputsHandler(UserHandler):
         if status != 200 and not started:
             self.set_header("Content-Type", "application/json")
             return self.write_json_error(404, "not_found", "Output not available")
-        self.set_header("X-Content-Type-Options", "nosniff")
         self.finish()

@@ -19,6 +19,7 @@ from tornado.websocket import WebSocketHandler
 
 from ..auth import AuthError, Identity, TokenVerifier, extract_token, requested_subprotocols
 from ..jobs.service import JobService
+from ..logs import log_uncaught
 from ..metrics import Metrics
 from ..model import ErrorCode, RequestError, SubmitRequest
 from ..wsframes import OP_BINARY, OP_TEXT, frame_header
@@ -108,10 +109,18 @@ class ClientConnection(WebSocketHandler):
     def check_origin(self, origin: str) -> bool:
         """Same host, or listed in ALLOWED_ORIGINS ('*': any). Written out here because
         Tornado 6.6 moved its same-host comparison out of this method."""
-        if urlsplit(origin).netloc.lower() == (self.request.headers.get("Host") or "").lower():
+        try:
+            netloc = urlsplit(origin).netloc.lower()
+        except ValueError:  # e.g. "http://[": not an origin anyone is allowed to be
+            return False
+        if netloc == (self.request.headers.get("Host") or "").lower():
             return True
         allowed = self.settings_.allowed_origins
         return "*" in allowed or origin.rstrip("/") in {o.rstrip("/") for o in allowed}
+
+    def log_exception(self, typ, value, tb):
+        # Tornado's own line carries the full URI: with ALLOW_QUERY_TOKEN, the token.
+        log_uncaught(self, typ, value, tb)
 
     def select_subprotocol(self, subprotocols):
         # Select ours; never echo the bearer.<token> item.
