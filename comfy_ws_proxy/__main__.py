@@ -13,6 +13,7 @@ from tornado.httpserver import HTTPServer
 from .app import make_app
 from .config import ConfigError, describe, load_settings
 from .logs import configure_logging
+from .store import StoreInUse
 
 log = logging.getLogger("comfy_ws_proxy")
 
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
 async def serve(settings) -> int:
     try:
         app, state = make_app(settings)
+    except StoreInUse as e:
+        raise ConfigError(f"STORE_PATH: {e}") from None
     except (OSError, ValueError) as e:  # an unreadable key file or store path
         where = "JWT_KEY_FILE" if settings.jwt_key_file and settings.jwt_key_file in str(e) or isinstance(e, ValueError) \
             else "STORE_PATH"

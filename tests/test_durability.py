@@ -188,3 +188,36 @@ async def test_a_killed_or_stopped_proxy_process_loses_no_outcome(io_loop, tmp_p
             proxy.proc.kill()
             await proxy.proc.wait()
         await sim.stop()
+
+
+async def test_a_second_proxy_on_the_same_store_refuses_to_start(io_loop, tmp_path):
+    """Issue 15, finding 11: two proxies on one STORE_PATH would each run every queued job."""
+    from comfy_ws_proxy.testing.comfyui import ComfySimulator
+    sim = ComfySimulator()
+    await sim.start()
+    key = DevKey.generate()
+    first = ProxyProcess(tmp_path, sim.url, key)
+    second = ProxyProcess(tmp_path, sim.url, key)  # the same tmp_path: the same store file
+    try:
+        await first.start()
+        env = dict(os.environ, PYTHONPATH=ROOT, COMFY_URL=sim.url, DEV_MODE="true", JWT_KEY_FILE=str(second.jwks),
+                   STORE_PATH=str(second.store), PORT=str(second.port))
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "comfy_ws_proxy", env=env,
+                                                    stderr=asyncio.subprocess.PIPE)
+        _, err = await asyncio.wait_for(proc.communicate(), TIMEOUT)
+        assert proc.returncode == 2
+        lines = err.decode().strip().splitlines()
+        assert lines[-1] == (f"comfy-ws-proxy: error: STORE_PATH: {first.store} is in use by another proxy "
+                             f"process (pid {first.proc.pid}); give each proxy a store of its own")
+        # The first one is unharmed, and once it is gone (even by SIGKILL) the store is free.
+        first.proc.send_signal(signal.SIGKILL)
+        await first.proc.wait()
+        await second.start()
+        alice = await second.connect(key.token("alice"))
+        await alice.close()
+    finally:
+        for proxy in (first, second):
+            if proxy.proc and proxy.proc.returncode is None:
+                proxy.proc.kill()
+                await proxy.proc.wait()
+        await sim.stop()

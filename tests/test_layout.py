@@ -22,7 +22,7 @@ ALLOWED = {
     "api": BASE | {"jobs", "backends"},
     "client": {"gateway", "model"},
     "app": BASE | {"store", "backends", "jobs", "gateway", "api", "__init__"},
-    "__main__": BASE | {"app"},
+    "__main__": BASE | {"app", "store"},
     "testing": set(),
     "__init__": set(),
 }

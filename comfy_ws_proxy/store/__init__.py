@@ -2,11 +2,11 @@
 uses; ``SqliteJobStore`` (sqlite.py) the embedded default. A shared database implements
 the same interface without touching jobs/."""
 from .base import JobStore
-from .sqlite import SqliteJobStore
+from .sqlite import SqliteJobStore, StoreInUse
 
 
 def open_store(path: str) -> JobStore:
     return SqliteJobStore(path)
 
 
-__all__ = ["JobStore", "SqliteJobStore", "open_store"]
+__all__ = ["JobStore", "SqliteJobStore", "StoreInUse", "open_store"]

@@ -7,8 +7,10 @@ place.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 import sqlite3
 import uuid
 from typing import Iterable
@@ -55,6 +57,11 @@ _INSERT = (f"INSERT OR REPLACE INTO prompts ({', '.join(_COLUMNS)}) "
            f"VALUES ({', '.join('?' * len(_COLUMNS))})")
 
 
+class StoreInUse(Exception):
+    """Another process has this store open: two proxies on one store would each run every
+    queued job (a rolling deploy on a shared volume). One line for the operator."""
+
+
 def _json(value) -> str | None:
     return json.dumps(value, separators=(",", ":")) if value is not None else None
 
@@ -64,6 +71,7 @@ class SqliteJobStore:
 
     def __init__(self, path: str):
         self.path = path
+        self._lock = self._take_lock(path)
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: a commit survives a process kill (SIGKILL); only an OS crash
@@ -76,6 +84,27 @@ class SqliteJobStore:
                 self.db.execute(f"ALTER TABLE prompts ADD COLUMN {name} {declaration}")
         row = self.db.execute("SELECT MAX(ord) FROM prompts").fetchone()
         self._next_order = (row[0] or 0) + 1
+
+    @staticmethod
+    def _take_lock(path: str):
+        """An exclusive lock on ``<path>.lock`` for this process's lifetime (the kernel drops
+        it when the process dies, SIGKILL included); it names the holder's pid."""
+        if path == ":memory:" or path.startswith("file::memory:"):
+            return None
+        lock = open(path + ".lock", "a+", encoding="utf-8")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            lock.close()
+            raise StoreInUse(f"{path} is in use by another proxy process (pid {holder}); "
+                             "give each proxy a store of its own") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        return lock
 
     def load_jobs(self) -> list[Job]:
         jobs = []
@@ -125,3 +154,6 @@ class SqliteJobStore:
             self.db.close()
         except sqlite3.Error:  # closing twice or after a failed write: nothing left to save
             log.exception("closing the store failed")
+        if self._lock is not None:
+            self._lock.close()  # (releases the lock)
+            self._lock = None
