@@ -122,3 +122,30 @@ async def test_a_malformed_origin_is_a_403_not_a_500(io_loop, caplog):
         status, body = await h.refused(token, via="query", headers={"Origin": "http://["})
         assert status == 403 and body["error"]["code"] == "forbidden_origin"
         assert token not in caplog.text and "Traceback" not in caplog.text
+
+
+async def test_a_prompt_cancelled_while_its_post_is_unanswered_is_stopped_when_it_surfaces(io_loop):
+    """Finding 12: cancel while a POST's outcome is unknown answers prompt_cancelled; when the
+    POST lands in ComfyUI after all, the prompt is taken back out and its owner sees none of it."""
+    async with ProxyHarness(comfy_request_timeout_ms=300, sim_kwargs={"node_delay": 0.02}) as h:
+        alice = await h.connect("alice")
+        h.sim.stall_post_prompt = "before_enqueue"
+        reply = await alice.submit(workflow("long-running"))
+        prompt_id = reply["data"]["prompt_id"]
+        assert reply["data"]["queued"] is True  # the POST timed out: ComfyUI may or may not have it
+        alice.send("cancel", {"prompt_id": prompt_id})
+        await alice.next("prompt_cancelled", lambda m: m["data"]["prompt_id"] == prompt_id)
+        cancelled_at = len(alice.received)
+        h.sim.stall_post_prompt = None
+        h.sim.release_stalled()  # the stalled POSTs land now: ComfyUI starts it
+        await h.sim.wait_idle()
+        assert h.sim.execution_counts[prompt_id] >= 1
+        entry = h.sim.history[prompt_id]
+        assert entry["status"]["status_str"] == "error"  # interrupted, not run to the end
+        assert any(m[0] == "execution_interrupted" for m in entry["status"]["messages"])
+        alice.send("ping")
+        await alice.next("pong")
+        after = [m for m in alice.received[cancelled_at:]
+                 if isinstance(m, bytes) or m["data"].get("prompt_id") == prompt_id]
+        assert after == []
+        assert h.state.tracker.get(prompt_id).state == "cancelled"

@@ -230,7 +230,7 @@ class JobQueue:
         self.metrics.comfy_duration.labels(backend.name, "ok").observe(self.clock() - started)
         if job.state == JobState.CANCELLED:
             # Cancelled while its POST was in flight: the owner was told, so it must not run.
-            await self._withdraw(job, backend)
+            await self.withdraw(job)
             return True
         number = result.get("number")
         if job.state == JobState.SUBMITTING:  # events may already have moved it on
@@ -249,7 +249,11 @@ class JobQueue:
         self.links.expect_status(link, sent_at)
         return True
 
-    async def _withdraw(self, job: Job, backend: Backend) -> None:
+    async def withdraw(self, job: Job) -> None:
+        """Take a cancelled job back out of the ComfyUI that has it after all."""
+        backend = self.pool.get(job.backend)
+        if backend is None:
+            return
         try:
             await backend.delete_queued(job.job_id)
             await backend.interrupt(job.job_id)  # in case it started already (never a global one)

@@ -68,6 +68,8 @@ class JobService:
         self._cleanup_timer = PeriodicCallback(self.cleanup, settings.cleanup_interval_ms)
         self.ready_timeout = settings.comfy_connect_timeout_ms / 1000
         tracker.listeners.append(self._job_changed)
+        tracker.stray_listeners.append(self._withdraw_soon)
+        self._withdrawals: set[asyncio.Future] = set()
         reconciler.changed = self._changed
         links.listeners.append(self)
         for backend in pool:
@@ -80,6 +82,8 @@ class JobService:
 
     def stop(self) -> None:
         self._cleanup_timer.stop()
+        for task in self._withdrawals:
+            task.cancel()
         self.reconciler.stop()
         self.queue.stop()
 
@@ -155,6 +159,13 @@ class JobService:
             self.tracker.finish_from_history(job, answer[1])
         elif where == "absent" and not job.finished:
             self._cancelled(job)
+
+    def _withdraw_soon(self, job: Job) -> None:
+        log.warning("a cancelled prompt reached ComfyUI after all, withdrawing it user=%s prompt=%s", job.owner,
+                    job.job_id)
+        task = asyncio.ensure_future(self.queue.withdraw(job))
+        self._withdrawals.add(task)
+        task.add_done_callback(self._withdrawals.discard)
 
     def _cancelled(self, job: Job) -> None:
         self.tracker.end_without_running(job, JobState.CANCELLED, "prompt_cancelled", {"prompt_id": job.job_id})

@@ -57,6 +57,9 @@ class JobTracker:
         # Called with a job whose live final arrived after a gap: its outputs must be read
         # from ComfyUI's history before the owner hears the outcome (the reconciler).
         self.gap_final_listeners: list[Callable[[Job], None]] = []
+        # Called with a cancelled job that ComfyUI turns out to have after all (a POST whose
+        # answer was lost landed later): it must be taken out again (the queue's withdraw).
+        self.stray_listeners: list[Callable[[Job], None]] = []
         self._load()
 
     def _load(self) -> None:
@@ -219,6 +222,13 @@ class JobTracker:
         job.last_heard = self.clock()
         kind = routed.kind
         if job.finished:
+            if job.state == JobState.CANCELLED:
+                # Its owner was told it is cancelled: none of it is delivered, and it is stopped.
+                if kind == "execution_start" or not job.interrupt_sent:
+                    job.interrupt_sent = True
+                    for listener in list(self.stray_listeners):
+                        listener(job)
+                return
             if not job.final_seen:  # the tail of a finished job (executing null) goes on as it came
                 self._deliver(job, kind, frame)
             return
