@@ -90,7 +90,8 @@ class ProxyState:
         self.tracker = JobTracker(self.store, self.metrics, clock, wall)
         self.links = LinkManager(settings, self.store.client_id, self.tracker, self.metrics)
         self.queue = JobQueue(self.tracker, self.pool, self.links, self.metrics, clock,
-                              max_attempts=settings.max_submit_attempts)
+                              max_attempts=settings.max_submit_attempts,
+                              per_owner=settings.max_comfy_jobs_per_user)
         self.reconciler = Reconciler(self.tracker, self.queue, self.pool, self.links, settings, clock)
         self.service = JobService(self.tracker, self.queue, self.reconciler, self.pool, self.links, self.metrics,
                                   settings, clock)

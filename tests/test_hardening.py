@@ -149,3 +149,39 @@ async def test_a_prompt_cancelled_while_its_post_is_unanswered_is_stopped_when_i
                  if isinstance(m, bytes) or m["data"].get("prompt_id") == prompt_id]
         assert after == []
         assert h.state.tracker.get(prompt_id).state == "cancelled"
+
+
+async def test_one_user_cannot_fill_comfyuis_queue_nor_jump_ahead(io_loop):
+    """Finding 7: MAX_QUEUED_PROMPTS_PER_USER counted only the proxy's queue, and front: true
+    put a user ahead of everyone."""
+    async with ProxyHarness(max_comfy_jobs_per_user=2) as h:
+        mallory = await h.connect("mallory")
+        alice = await h.connect("alice")
+        h.sim.paused = True
+        replies = []
+        for i in range(5):
+            prompt = workflow("success")
+            prompt["1"]["inputs"]["color"] = i
+            replies.append(await mallory.submit(prompt))
+        assert [r["data"]["queued"] for r in replies] == [False, False, True, True, True]
+        assert h.sim.queue_remaining() == 2
+        theirs = await alice.submit(workflow("success"))
+        assert theirs["data"]["queued"] is False  # alice is not behind mallory's other three
+        front = await mallory.submit(workflow("success-ws"), front=True)
+        assert front["type"] == "error" and front["data"]["code"] == "invalid_message"
+        assert "ALLOW_FRONT" in front["data"]["message"]
+        h.sim.paused = False
+        ids = [r["data"]["prompt_id"] for r in replies]
+        for prompt_id in ids:
+            await mallory.next("execution_success", lambda m, p=prompt_id: m["data"]["prompt_id"] == p)
+        order = [p for p in h.sim.started_order if p in ids]
+        assert order == ids  # FIFO for the user, all of them run
+        assert h.sim.started_order.index(theirs["data"]["prompt_id"]) < h.sim.started_order.index(ids[2])
+
+
+async def test_front_is_for_operators_who_allow_it(io_loop):
+    async with ProxyHarness(allow_front=True) as h:
+        alice = await h.connect("alice")
+        await alice.run(workflow("success"))  # (ComfyUI's first number is 0, and -0 is 0)
+        reply = await alice.submit(workflow("success-ws"), front=True)
+        assert reply["type"] == "prompt_accepted" and reply["data"]["number"] < 0

@@ -75,7 +75,7 @@ async def test_breaker_opens_after_five_failures_and_queues_fail_fast(io_loop):
 
 
 async def test_fair_round_robin_across_users_when_comfyui_returns(io_loop):
-    async with ProxyHarness() as h:
+    async with ProxyHarness(max_comfy_jobs_per_user=0) as h:  # (all six go to ComfyUI's queue)
         alice = await h.connect("alice")
         bob = await h.connect("bob")
         await h.sim.go_down()

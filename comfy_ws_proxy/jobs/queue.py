@@ -112,9 +112,10 @@ class JobQueue:
     """Drains the FairQueue onto the backends; POSTs one job (``post``)."""
 
     def __init__(self, tracker: JobTracker, pool: BackendPool, links: LinkManager, metrics: Metrics,
-                 clock: Callable[[], float], *, max_attempts: int = 3):
+                 clock: Callable[[], float], *, max_attempts: int = 3, per_owner: int = 0):
         self.tracker = tracker
         self.max_attempts = max_attempts  # POSTs a poison prompt gets (see ComfyFailed)
+        self.per_owner = per_owner  # jobs of one owner the backends may hold (0: no limit)
         self.pool = pool
         self.links = links
         self.metrics = metrics
@@ -148,7 +149,8 @@ class JobQueue:
     async def submit(self, job: Job) -> None:
         """A new job: straight to a backend when nothing of its owner waits before it and one
         can take it now; otherwise into the queue (its owner is told ``queued``)."""
-        backend = self.pool.place(self.tracker.placed_count) if not self.fair.size(job.owner) else None
+        backend = (self.pool.place(self.tracker.placed_count)
+                   if not self.fair.size(job.owner) and not self.owner_full(job.owner) else None)
         link = self.links.get(job.owner, backend.name) if backend is not None else None
         if link is None or not link.ready.is_set():
             self.tracker.add(job)
@@ -160,6 +162,10 @@ class JobQueue:
         self.tracker.add(job)
         log.info("prompt submit user=%s prompt=%s nodes=%d", job.owner, job.job_id, len(job.payload["prompt"]))
         await self.post(job, backend, link, announced=False)
+
+    def owner_full(self, owner: str) -> bool:
+        """ComfyUI holds as many of this owner's jobs as it may (MAX_COMFY_JOBS_PER_USER)."""
+        return bool(self.per_owner) and self.tracker.placed_by_owner[owner] >= self.per_owner
 
     def announce_queued(self, job: Job) -> None:
         self.metrics.prompts.labels("queued").inc()
@@ -292,8 +298,8 @@ class JobQueue:
             await self._links_up(owners)
             for owner in owners:
                 job = self.tracker.get(self.fair.head(owner) or "")
-                if job is None or job.outcome_unknown:
-                    continue
+                if job is None or job.outcome_unknown or self.owner_full(owner):
+                    continue  # (a finished job of theirs kicks the queue again)
                 backend = self.pool.place(self.tracker.placed_count)
                 if backend is None:
                     return

@@ -100,6 +100,9 @@ class JobService:
             self.metrics.prompts.labels("rate_limited").inc()
             raise RequestError(ErrorCode.RATE_LIMITED, details={"retry_after": round(wait, 3)},
                                prompt_id=request.prompt_id)
+        if request.front and not self.settings.allow_front:
+            raise RequestError(ErrorCode.INVALID_MESSAGE, "front is not allowed here (ALLOW_FRONT)",
+                               prompt_id=request.prompt_id)
         job_id = request.prompt_id or str(uuid.uuid4())
         if self.tracker.id_taken(job_id):
             # Never reveal whose it is; never let a client attach to another user's job.

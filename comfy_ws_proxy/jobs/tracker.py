@@ -50,6 +50,7 @@ class JobTracker:
         self.jobs: dict[str, Job] = {}
         self.by_owner: dict[str, dict[str, Job]] = {}
         self.placed = Counter()  # backend name -> our jobs it holds (submitting, pending, running)
+        self.placed_by_owner = Counter()  # owner -> their jobs the backends hold
         self.subscribers: dict[str, set[JobSubscriber]] = {}
         # Called with (job, old state) after every change: the queue's index, settled waiters,
         # the reconciler, link release.
@@ -78,6 +79,7 @@ class JobTracker:
         self.by_owner.setdefault(job.owner, {})[job.job_id] = job
         if job.state in PLACED:
             self.placed[job.backend] += 1
+            self.placed_by_owner[job.owner] += 1
 
     # --- reads ----------------------------------------------------------------------------------
     def get(self, job_id: str) -> Job | None:
@@ -135,6 +137,9 @@ class JobTracker:
         old = job.state
         if old in PLACED:
             self.placed[job.backend] -= 1
+            self.placed_by_owner[job.owner] -= 1
+            if not self.placed_by_owner[job.owner]:
+                del self.placed_by_owner[job.owner]
         job.state = state
         for name, value in changes.items():
             setattr(job, name, value)
@@ -144,6 +149,7 @@ class JobTracker:
             job.finished_at = job.updated_at
         if state in PLACED:
             self.placed[job.backend] += 1
+            self.placed_by_owner[job.owner] += 1
         self.store.save(job)
         self._changed(job, old)
 
