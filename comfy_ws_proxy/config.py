@@ -113,6 +113,12 @@ OPTIONS: tuple[Option, ...] = (
     _opt("finished_prompt_retention_s", "int", 86400,
          "How long finished prompts are remembered (ownership for /outputs, resume state).", minimum=1),
     _opt("resume_buffer_size", "int", 500, "Messages kept per session for resume.", minimum=0),
+    _opt("prompts_state_max", "int", 200,
+         "Most prompts one prompts_state answer lists: every unfinished one, then the newest finished.",
+         minimum=1),
+    _opt("ready_cache_ms", "int", 1000,
+         "How long /ready's check of ComfyUI is reused (a flood of /ready must not become one ComfyUI "
+         "request each).", minimum=0),
     _opt("resume_buffer_bytes", "int", 512 * KIB,
          "Bytes of messages kept per session for resume (the older ones go first).", minimum=0),
     _opt("store_path", "str", "comfy_ws_proxy.sqlite3",

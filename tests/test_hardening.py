@@ -5,7 +5,7 @@ import struct
 
 import pytest
 
-from .helpers import TIMEOUT, ProxyHarness, job_finished, workflow
+from .helpers import TIMEOUT, FakeClock, ProxyHarness, job_finished, workflow
 
 
 def text_frames(client) -> list[bytes]:
@@ -185,3 +185,34 @@ async def test_front_is_for_operators_who_allow_it(io_loop):
         await alice.run(workflow("success"))  # (ComfyUI's first number is 0, and -0 is 0)
         reply = await alice.submit(workflow("success-ws"), front=True)
         assert reply["type"] == "prompt_accepted" and reply["data"]["number"] < 0
+
+
+async def test_a_flood_of_ready_checks_costs_comfyui_one_request_per_interval(io_loop):
+    """Finding 8: each unauthenticated /ready cost one ComfyUI request."""
+    clock = FakeClock()
+    async with ProxyHarness(clock=clock, ready_cache_ms=1000) as h:
+        before = len(h.sim.requests)
+        answers = await asyncio.gather(*(h.get("/ready") for _ in range(50)))
+        assert {a.code for a in answers} == {200}
+        asked = [r for r in h.sim.requests[before:] if r == ("GET", "/prompt")]
+        assert len(asked) == 1
+        clock.advance(1.0)
+        assert (await h.get("/ready")).code == 200
+        assert len([r for r in h.sim.requests[before:] if r == ("GET", "/prompt")]) == 2
+        await h.sim.go_down()
+        clock.advance(1.0)
+        down = await h.get("/ready")
+        assert down.code == 503 and json.loads(down.body)["reason"] == "comfy_unreachable"
+
+
+async def test_a_resume_answer_is_bounded_whatever_the_retention_holds(io_loop):
+    """Finding 8: resume sent every finished record of the retention window."""
+    async with ProxyHarness(prompts_state_max=3) as h:
+        alice = await h.connect("alice")
+        done = [(await alice.run(workflow("success")))[0] for _ in range(4)]
+        h.sim.paused = True
+        pending = (await alice.submit(workflow("success-ws")))["data"]["prompt_id"]
+        alice.send("resume", {"session_id": "x", "last_seq": 0})
+        state = await alice.next("prompts_state")
+        assert [p["prompt_id"] for p in state["data"]["prompts"]] == done[-2:] + [pending]
+        h.sim.paused = False

@@ -41,7 +41,8 @@ class ReadyHandler(OpsHandler):
         if not backend.available:
             return self.write_json({"status": "not_ready", "reason": "breaker_open",
                                     "breaker": backend.breaker.state.value}, 503)
-        if not await backend.answers(timeout=state.settings.breaker_probe_timeout_ms / 1000):
+        if not await backend.answers_recently(timeout=state.settings.breaker_probe_timeout_ms / 1000,
+                                              max_age=state.settings.ready_cache_ms / 1000):
             return self.write_json({"status": "not_ready", "reason": "comfy_unreachable",
                                     "breaker": backend.breaker.state.value}, 503)
         self.write_json({"status": "ready", "breaker": backend.breaker.state.value})

@@ -74,6 +74,8 @@ class Backend:
         self.unreachable_listeners: list[Callable[[float], None]] = []
         self._probe_timer = PeriodicCallback(self._maybe_probe, probe_interval_ms)
         self._probe_running = False
+        self._answered: tuple[float, bool] | None = None  # (when, result) of the last readiness check
+        self._answering: asyncio.Future | None = None  # the readiness check in flight
         self.inflight = 0  # calls in progress, for graceful shutdown
         self._idle = asyncio.Event()
         self._idle.set()
@@ -210,6 +212,23 @@ class Backend:
             self.breaker.probe_succeeded(self.clock())
         else:
             self.breaker.probe_failed(self.clock())
+
+    async def answers_recently(self, timeout: float, max_age: float) -> bool:
+        """``answers()``, reusing an answer younger than ``max_age`` seconds and sharing one
+        check among callers that arrive while it runs: /ready may be asked any number of
+        times, ComfyUI is asked at most once per ``max_age``."""
+        now = self.clock()
+        if self._answered is not None and now - self._answered[0] < max_age:
+            return self._answered[1]
+        if self._answering is None:
+            self._answering = asyncio.ensure_future(self.answers(timeout))
+
+            def done(future: asyncio.Future, started=now) -> None:
+                self._answering = None
+                if not future.cancelled() and future.exception() is None:
+                    self._answered = (started, future.result())
+            self._answering.add_done_callback(done)
+        return await asyncio.shield(self._answering)
 
     async def answers(self, timeout: float) -> bool:
         """Does ComfyUI answer a cheap GET /prompt? Tells the breaker nothing either way (a

@@ -242,7 +242,8 @@ class ClientConnection(WebSocketHandler):
                                                    "reason": "buffer_exceeded"})
             for text in messages:
                 self._write(text, "control")
-        session.reply(self, "prompts_state", {"prompts": self.service.tracker.summaries(session.user_id)})
+        session.reply(self, "prompts_state", {"prompts": self.service.tracker.summaries(
+            session.user_id, self.settings_.prompts_state_max)})
 
     def on_close(self):
         if self._expiry_handle is not None:

@@ -354,8 +354,14 @@ class JobTracker:
                 delivered.append(job_id)
         return delivered
 
-    def summaries(self, owner: str) -> list[dict]:
-        return [j.summary() for j in self.jobs_of(owner)]
+    def summaries(self, owner: str, limit: int) -> list[dict]:
+        """At most ``limit`` of the owner's jobs, oldest first: every unfinished one, then the
+        newest finished ones (a resume answer stays small whatever the retention holds)."""
+        jobs = self.jobs_of(owner)
+        unfinished = [j for j in jobs if not j.finished]
+        finished = [j for j in jobs if j.finished]
+        keep = unfinished + finished[max(0, len(finished) - max(0, limit - len(unfinished))):]
+        return [j.summary() for j in sorted(keep, key=lambda j: j.order)[-limit:]]
 
     def describe(self, owner: str) -> dict:
         states = Counter(j.state for j in self.unfinished(owner))
