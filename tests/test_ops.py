@@ -20,7 +20,7 @@ PINNED_NAMES = {
 
 
 async def test_health_live_ready(io_loop):
-    async with ProxyHarness() as h:
+    async with ProxyHarness(ready_cache_ms=0) as h:  # every /ready asks ComfyUI (see test_hardening)
         for path in ("/health", "/live", "/ready"):
             response = await h.get(path)
             assert response.code == 200, path
