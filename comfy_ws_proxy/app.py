@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from typing import Callable
 
 import tornado.web
@@ -28,7 +29,7 @@ from .jobs.reconcile import Reconciler
 from .jobs.service import JobService
 from .jobs.tracker import JobTracker
 from .metrics import Metrics
-from .store import open_store
+from .store import StoreError, open_store
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("comfy_ws_proxy.access")
@@ -88,7 +89,8 @@ class ProxyState:
         self.store = open_store(settings.store_path)
         # the domain
         self.tracker = JobTracker(self.store, self.metrics, clock, wall)
-        self.links = LinkManager(settings, self.store.client_id, self.tracker, self.metrics)
+        self._spare_client_ids: dict[tuple[str, str], str] = {}
+        self.links = LinkManager(settings, self._client_id, self.tracker, self.metrics)
         self.queue = JobQueue(self.tracker, self.pool, self.links, self.metrics, clock,
                               max_attempts=settings.max_submit_attempts,
                               per_owner=settings.max_comfy_jobs_per_user)
@@ -105,6 +107,14 @@ class ProxyState:
         self.pinger = ClientPinger(self.registry, settings)
         self.started = False
         self.metrics.queued_prompts.set(len(self.queue.fair))
+
+    def _client_id(self, owner: str, backend: str) -> str:
+        """The pair's durable client id; while the store fails, one for this process only (a
+        restart then loses the routing of that pair's running job: the watchdog finds it)."""
+        try:
+            return self.store.client_id(owner, backend)
+        except StoreError:
+            return self._spare_client_ids.setdefault((owner, backend), str(uuid.uuid4()))
 
     def _breaker_changed(self, backend: str, state: str) -> None:
         self.metrics.set_breaker(backend, state)

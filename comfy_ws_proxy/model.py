@@ -100,6 +100,7 @@ class ErrorCode:
     MESSAGE_TOO_LARGE = "message_too_large"
     RATE_LIMITED = "rate_limited"
     NOT_FOUND = "not_found"
+    STORE_UNAVAILABLE = "store_unavailable"
     INTERNAL_ERROR = "internal_error"
 
 
@@ -111,6 +112,7 @@ MESSAGES = {
     ErrorCode.RATE_LIMITED: "Too many prompts, slow down",
     ErrorCode.MESSAGE_TOO_LARGE: "Message too large",
     ErrorCode.NOT_FOUND: "No such prompt",
+    ErrorCode.STORE_UNAVAILABLE: "The proxy cannot record new prompts right now; try again shortly",
     ErrorCode.INTERNAL_ERROR: "Internal error",
 }
 

@@ -216,3 +216,35 @@ async def test_a_resume_answer_is_bounded_whatever_the_retention_holds(io_loop):
         state = await alice.next("prompts_state")
         assert [p["prompt_id"] for p in state["data"]["prompts"]] == done[-2:] + [pending]
         h.sim.paused = False
+
+
+async def test_a_full_disk_refuses_new_prompts_clearly_and_loses_nothing_running(io_loop):
+    """Finding 10: with the store full, submissions got a bare internal_error, /ready said 200,
+    a running prompt's final event was dropped, and failed submissions left ghost records that
+    locked the user out. The fault is real: SQLite's max_page_count makes the database full."""
+    async with ProxyHarness(store_path="file", max_queued_prompts_per_user=2, ready_cache_ms=0) as h:
+        alice = await h.connect("alice")
+        hold = h.sim.hold_node("5")
+        running = (await alice.submit(workflow("long-running")))["data"]["prompt_id"]
+        await asyncio.wait_for(hold.reached, TIMEOUT)
+        db = h.state.store.db
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        db.execute(f"PRAGMA max_page_count={pages}")  # the disk is full
+        for _ in range(3):  # more than the queue allows: failures must not count against it
+            refused = await alice.submit({"1": {"class_type": "EmptyImage", "inputs": {"pad": "x" * 50_000}},
+                                          "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}})
+            assert refused["type"] == "error" and refused["data"]["code"] == "store_unavailable", refused
+            assert refused["data"]["prompt_id"] and "try again" in refused["data"]["message"]
+        assert h.state.tracker.waiting_count("alice") == 0  # no ghost records
+        ready = await h.get("/ready")
+        assert ready.code == 503 and json.loads(ready.body)["reason"] == "store_unavailable"
+        hold.release()  # the running prompt ends while the store cannot take it
+        final = await alice.next("execution_success", lambda m: m["data"]["prompt_id"] == running)
+        assert "replayed" not in final  # heard live: nothing dropped
+        db.execute("PRAGMA max_page_count=1073741823")  # space again
+        h.state.reconciler.tick()  # (the watchdog's tick writes what was kept in memory)
+        assert h.state.tracker.store_healthy and (await h.get("/ready")).code == 200
+        row = db.execute("SELECT state, told FROM prompts WHERE prompt_id = ?", (running,)).fetchone()
+        assert row == ("success", 1)
+        _, outcome = await alice.run(workflow("success"))  # and alice is not locked out
+        assert outcome == "execution_success"

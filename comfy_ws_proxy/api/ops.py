@@ -37,6 +37,8 @@ class ReadyHandler(OpsHandler):
         state = self.app_state
         if not state.registry.accepting:
             return self.write_json({"status": "not_ready", "reason": "shutting_down"}, 503)
+        if not state.tracker.store_healthy:
+            return self.write_json({"status": "not_ready", "reason": "store_unavailable"}, 503)
         backend = state.pool.default
         if not backend.available:
             return self.write_json({"status": "not_ready", "reason": "breaker_open",

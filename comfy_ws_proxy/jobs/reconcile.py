@@ -124,6 +124,7 @@ class Reconciler:
         self.changed()
 
     def tick(self) -> None:
+        self.tracker.flush()  # what a failing store could not take, written once it works
         now = self.clock()
         retry, self.retry = self.retry, set()
         for job_id in retry:

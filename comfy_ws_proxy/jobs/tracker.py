@@ -22,8 +22,8 @@ from typing import Callable, Protocol
 
 from ..backends.routing import Routed
 from ..metrics import Metrics
-from ..model import FINAL_EVENT_OF, FINAL_EVENTS, Job, JobState
-from ..store import JobStore
+from ..model import FINAL_EVENT_OF, FINAL_EVENTS, ErrorCode, Job, JobState, RequestError
+from ..store import JobStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,10 @@ class JobTracker:
         self.placed = Counter()  # backend name -> our jobs it holds (submitting, pending, running)
         self.placed_by_owner = Counter()  # owner -> their jobs the backends hold
         self.subscribers: dict[str, set[JobSubscriber]] = {}
+        # Jobs whose latest state the store could not take (disk full...): kept in memory, the
+        # work goes on, and flush() writes them once the store works again.
+        self.unsaved: dict[str, Job] = {}
+        self.store_failing = False  # the last write failed (until one succeeds)
         # Called with (job, old state) after every change: the queue's index, settled waiters,
         # the reconciler, link release.
         self.listeners: list[Callable[[Job, str], None]] = []
@@ -69,7 +73,7 @@ class JobTracker:
                 # The proxy died mid-POST: ComfyUI may or may not have it. Ask before resending.
                 job.state = JobState.QUEUED
                 job.outcome_unknown = True
-                self.store.save(job)
+                self.save(job)
             if job.state in JobState.IN_COMFY:
                 job.gap = True  # its events went to a socket that died with the old process
             self._index(job)
@@ -92,7 +96,16 @@ class JobTracker:
 
     def id_taken(self, job_id: str) -> bool:
         """Is (or was) this id some job's? Then it is never used again, whoever asks."""
-        return job_id in self.jobs or self.store.id_used(job_id)
+        if job_id in self.jobs:
+            return True
+        try:
+            return self.store.id_used(job_id)
+        except StoreError:
+            raise self._unavailable(job_id) from None
+
+    @property
+    def store_healthy(self) -> bool:
+        return not self.unsaved and not self.store_failing
 
     def owns(self, owner: str, job_id: str) -> bool:
         job = self.jobs.get(job_id)
@@ -128,7 +141,15 @@ class JobTracker:
     def add(self, job: Job) -> None:
         if job.job_id in self.jobs:
             raise KeyError(job.job_id)
-        self.store.insert(job)
+        try:
+            self.store.insert(job)
+        except StoreError as e:
+            # Not recorded, so not accepted: nothing of it is kept (no record in memory that
+            # the store does not have, none counting against the owner's queue).
+            self.store_failing = True
+            log.error("store write failed, prompt refused user=%s prompt=%s: %s", job.owner, job.job_id, e)
+            raise self._unavailable(job.job_id) from None
+        self.store_failing = False
         self._index(job)
         self._changed(job, "")
 
@@ -150,12 +171,37 @@ class JobTracker:
         if state in PLACED:
             self.placed[job.backend] += 1
             self.placed_by_owner[job.owner] += 1
-        self.store.save(job)
+        self.save(job)
         self._changed(job, old)
 
     def save(self, job: Job) -> None:
-        """A durable field changed without a change of state (outputs, number, told)."""
-        self.store.save(job)
+        """Write the job's durable fields. A store that fails does not stop the job (nothing
+        ComfyUI sent is dropped): it is written again by flush()."""
+        try:
+            self.store.save(job)
+        except StoreError as e:
+            if not self.unsaved:
+                log.error("store write failed (%s): keeping job state in memory until it works again", e)
+            self.unsaved[job.job_id] = job
+            self.store_failing = True
+            return
+        self.store_failing = False
+        self.unsaved.pop(job.job_id, None)
+
+    def flush(self) -> None:
+        """Write what the store could not take before (called on the watchdog's tick)."""
+        for job in list(self.unsaved.values()):
+            try:
+                self.store.save(job)
+            except StoreError:
+                return  # still failing: the next tick tries again
+            self.store_failing = False
+            del self.unsaved[job.job_id]
+        if not self.unsaved:
+            log.info("store writes work again")
+
+    def _unavailable(self, job_id: str) -> RequestError:
+        return RequestError(ErrorCode.STORE_UNAVAILABLE, prompt_id=job_id)
 
     def _changed(self, job: Job, old: str) -> None:
         for listener in list(self.listeners):
@@ -172,7 +218,13 @@ class JobTracker:
                 if not mine:
                     del self.by_owner[job.owner]
         if gone:
-            self.store.delete(j.job_id for j in gone)
+            try:
+                self.store.delete([j.job_id for j in gone])
+            except StoreError as e:
+                log.error("store delete failed (%s): finished prompts kept until the next cleanup", e)
+                for job in gone:
+                    self._index(job)
+                return 0
         return len(gone)
 
     # --- subscribers ----------------------------------------------------------------------------
@@ -205,7 +257,7 @@ class JobTracker:
             return
         if self._publish_frame(job, job.owner, kind, frame) and kind in FINAL_EVENTS and not job.told:
             job.told = True
-            self.store.save(job)
+            self.save(job)
 
     def hold(self, job: Job) -> None:
         job.holding = True
@@ -350,7 +402,7 @@ class JobTracker:
                 subscriber.job_frame(job, "executing", replayed("executing", {"node": None, "prompt_id": job_id}))
             if ok:
                 job.told = True
-                self.store.save(job)
+                self.save(job)
                 delivered.append(job_id)
         return delivered
 

@@ -10,6 +10,10 @@ from typing import Iterable, Protocol
 from ..model import Job
 
 
+class StoreError(Exception):
+    """A write (or read) the store could not do: disk full, I/O error, a lost database."""
+
+
 class JobStore(Protocol):
     def load_jobs(self) -> list[Job]:
         """Every job, oldest first."""

@@ -16,6 +16,7 @@ import uuid
 from typing import Iterable
 
 from ..model import Job
+from .base import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -118,35 +119,49 @@ class SqliteJobStore:
         return jobs
 
     def insert(self, job: Job) -> None:
-        job.order = self._next_order
-        self._next_order += 1
+        order = self._next_order
+        job.order = order
         self.save(job)
+        self._next_order = order + 1  # (only once the row is there)
 
     def save(self, j: Job) -> None:
-        self.db.execute(_INSERT, (j.job_id, j.owner, j.state, _json(j.payload), j.created_at, j.updated_at,
-                                  j.order, j.number, j.attempts, int(j.outcome_unknown), j.backend, j.started_at,
-                                  j.finished_at, j.timeout_s, _json(j.outputs or None), _json(j.result),
-                                  int(j.told)))
+        try:
+            self.db.execute(_INSERT, (j.job_id, j.owner, j.state, _json(j.payload), j.created_at, j.updated_at,
+                                      j.order, j.number, j.attempts, int(j.outcome_unknown), j.backend,
+                                      j.started_at, j.finished_at, j.timeout_s, _json(j.outputs or None),
+                                      _json(j.result), int(j.told)))
+        except sqlite3.Error as e:
+            raise StoreError(str(e)) from None
 
     def delete(self, job_ids: Iterable[str]) -> None:
         """Forget jobs; their ids stay used (see ``id_used``)."""
         rows = [(i,) for i in job_ids]
-        with self.db:
-            self.db.execute("BEGIN")
-            self.db.executemany("DELETE FROM prompts WHERE prompt_id = ?", rows)
-            self.db.executemany("INSERT OR IGNORE INTO forgotten_ids (prompt_id) VALUES (?)", rows)
+        try:
+            with self.db:
+                self.db.execute("BEGIN")
+                self.db.executemany("DELETE FROM prompts WHERE prompt_id = ?", rows)
+                self.db.executemany("INSERT OR IGNORE INTO forgotten_ids (prompt_id) VALUES (?)", rows)
+        except sqlite3.Error as e:
+            raise StoreError(str(e)) from None
 
     def id_used(self, job_id: str) -> bool:
-        return self.db.execute("SELECT 1 FROM forgotten_ids WHERE prompt_id = ?", (job_id,)).fetchone() is not None
+        try:
+            return self.db.execute("SELECT 1 FROM forgotten_ids WHERE prompt_id = ?",
+                                   (job_id,)).fetchone() is not None
+        except sqlite3.Error as e:
+            raise StoreError(str(e)) from None
 
     def client_id(self, owner: str, backend: str) -> str:
-        row = self.db.execute("SELECT client_id FROM client_ids WHERE user_id = ? AND backend = ?",
-                              (owner, backend)).fetchone()
-        if row is not None:
-            return row[0]
-        client_id = str(uuid.uuid4())  # private: never shown to any client
-        self.db.execute("INSERT INTO client_ids (user_id, backend, client_id) VALUES (?, ?, ?)",
-                        (owner, backend, client_id))
+        try:
+            row = self.db.execute("SELECT client_id FROM client_ids WHERE user_id = ? AND backend = ?",
+                                  (owner, backend)).fetchone()
+            if row is not None:
+                return row[0]
+            client_id = str(uuid.uuid4())  # private: never shown to any client
+            self.db.execute("INSERT INTO client_ids (user_id, backend, client_id) VALUES (?, ?, ?)",
+                            (owner, backend, client_id))
+        except sqlite3.Error as e:
+            raise StoreError(str(e)) from None
         return client_id
 
     def close(self) -> None:
