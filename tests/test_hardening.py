@@ -248,3 +248,27 @@ async def test_a_full_disk_refuses_new_prompts_clearly_and_loses_nothing_running
         assert row == ("success", 1)
         _, outcome = await alice.run(workflow("success"))  # and alice is not locked out
         assert outcome == "execution_success"
+
+
+async def test_ready_is_503_while_comfyuis_websocket_is_refused(io_loop):
+    """Finding 14: /ready said 200 while every user got comfy_unavailable."""
+    async with ProxyHarness(ready_cache_ms=0) as h:
+        await h.connect("alice")
+        assert (await h.get("/ready")).code == 200
+        links = h.state.links
+        refused = asyncio.get_running_loop().create_future()
+        record_failure = links.link_failed
+
+        def spy(link):  # (observes the real handler)
+            record_failure(link)
+            if not refused.done():
+                refused.set_result(link)
+        links.link_failed = spy
+        h.sim.websocket_status = 400  # HTTP works, upgrades are refused
+        h.sim.drop_websockets()
+        link = await asyncio.wait_for(refused, TIMEOUT)  # a reconnect was refused
+        ready = await h.get("/ready")
+        assert ready.code == 503 and json.loads(ready.body)["reason"] == "comfy_websocket_refused"
+        h.sim.websocket_status = None
+        await asyncio.wait_for(link.ready.wait(), TIMEOUT)
+        assert (await h.get("/ready")).code == 200

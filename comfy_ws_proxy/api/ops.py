@@ -31,7 +31,8 @@ class LiveHandler(OpsHandler):
 
 
 class ReadyHandler(OpsHandler):
-    """Ready for traffic: accepting, the breaker not open, ComfyUI answering."""
+    """Ready for traffic: accepting, the store writing, the breaker not open, ComfyUI answering
+    HTTP, and its WebSocket not refusing us."""
 
     async def get(self):
         state = self.app_state
@@ -46,6 +47,9 @@ class ReadyHandler(OpsHandler):
         if not await backend.answers_recently(timeout=state.settings.breaker_probe_timeout_ms / 1000,
                                               max_age=state.settings.ready_cache_ms / 1000):
             return self.write_json({"status": "not_ready", "reason": "comfy_unreachable",
+                                    "breaker": backend.breaker.state.value}, 503)
+        if backend.websocket_refused:
+            return self.write_json({"status": "not_ready", "reason": "comfy_websocket_refused",
                                     "breaker": backend.breaker.state.value}, 503)
         self.write_json({"status": "ready", "breaker": backend.breaker.state.value})
 

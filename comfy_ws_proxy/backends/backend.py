@@ -74,6 +74,11 @@ class Backend:
         self.unreachable_listeners: list[Callable[[float], None]] = []
         self._probe_timer = PeriodicCallback(self._maybe_probe, probe_interval_ms)
         self._probe_running = False
+        # Loop times of the last upstream WebSocket that failed to open and the last that
+        # registered: HTTP can answer while the WebSocket is refused (a proxy in between that
+        # does not pass upgrades), and then nobody hears anything.
+        self.websocket_failed_at: float | None = None
+        self.websocket_up_at: float | None = None
         self._answered: tuple[float, bool] | None = None  # (when, result) of the last readiness check
         self._answering: asyncio.Future | None = None  # the readiness check in flight
         self.inflight = 0  # calls in progress, for graceful shutdown
@@ -92,6 +97,12 @@ class Backend:
 
     def _log_breaker_change(self, old: BreakerState, new: BreakerState) -> None:
         log.warning("ComfyUI %s breaker: %s -> %s", self.name, old.value, new.value)
+
+    @property
+    def websocket_refused(self) -> bool:
+        """The latest upstream WebSocket attempt to this backend failed (none has registered since)."""
+        failed = self.websocket_failed_at
+        return failed is not None and (self.websocket_up_at is None or self.websocket_up_at < failed)
 
     @property
     def available(self) -> bool:

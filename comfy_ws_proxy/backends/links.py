@@ -138,7 +138,11 @@ class LinkManager:
     def link_status(self, link: ComfyLink, text: str) -> None:
         self.frames.upstream_status(link.owner, text)
 
+    def link_failed(self, link: ComfyLink) -> None:
+        link.backend.websocket_failed_at = asyncio.get_running_loop().time()
+
     def link_up(self, link: ComfyLink, reconnected: bool) -> None:
+        link.backend.websocket_up_at = asyncio.get_running_loop().time()
         self.metrics.upstream_connections.inc()
         if reconnected:
             self.metrics.upstream_reconnects.inc()

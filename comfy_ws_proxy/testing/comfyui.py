@@ -722,6 +722,7 @@ class ComfySimulator:
         self.http_error_status: int | None = None
         self.response_delay = 0.0
         self.stall_post_prompt: str | None = None  # None | "before_enqueue" | "after_enqueue"
+        self.websocket_status: int | None = None  # refuse /ws upgrades with this status (HTTP works)
         # observation (kept over restarts: they count what really happened)
         self.execution_counts: collections.Counter = collections.Counter()  # prompt_id -> starts
         self.completed_counts: collections.Counter = collections.Counter()  # prompt_id -> finishes
@@ -1681,6 +1682,9 @@ class SimSocket(WebSocketHandler):
         if foreign_origin(self.request.headers):
             self.set_status(403)
             self.clear_header("Content-Type")
+            return self.finish()
+        if sim.websocket_status:  # e.g. a proxy in front of ComfyUI that drops the Upgrade header
+            self.set_status(sim.websocket_status)
             return self.finish()
         await super().get(*args, **kwargs)
 
