@@ -133,6 +133,16 @@ async def test_a_prompt_cancelled_while_its_post_is_unanswered_is_stopped_when_i
         reply = await alice.submit(workflow("long-running"))
         prompt_id = reply["data"]["prompt_id"]
         assert reply["data"]["queued"] is True  # the POST timed out: ComfyUI may or may not have it
+        # ComfyUI could not be asked for sure (the POST may still land), so it went again: wait
+        # for that second POST to hang too, then cancel.
+        resent = asyncio.get_running_loop().create_future()
+
+        def watch(job, old):
+            if job.job_id == prompt_id and job.attempts == 2 and job.state == "submitting" and not resent.done():
+                resent.set_result(None)
+        h.state.tracker.listeners.append(watch)
+        await asyncio.wait_for(resent, TIMEOUT)
+        await h.sim.wait_stalled(1)
         alice.send("cancel", {"prompt_id": prompt_id})
         await alice.next("prompt_cancelled", lambda m: m["data"]["prompt_id"] == prompt_id)
         cancelled_at = len(alice.received)
