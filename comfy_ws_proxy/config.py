@@ -85,6 +85,10 @@ OPTIONS: tuple[Option, ...] = (
     _opt("job_execution_timeout_s", "float", 0.0,
          "Execution time limit of a job (seconds from execution_start; 0: none). A job past it is "
          "interrupted and ends timed_out; a request's own timeout_s may only lower it.", minimum=0),
+    _opt("resubmit_unknown", "bool", True,
+         "When ComfyUI has lost a job that may have run while nobody listened (the proxy and ComfyUI "
+         "failed together), send it again (true: it may run twice) or end it lost, with "
+         "outcome_unknown, and tell its owner (false: never twice).", env=("RESUBMIT_UNKNOWN",)),
     _opt("max_submit_attempts", "int", 3,
          "POSTs of one prompt that ComfyUI may answer with a 5xx while it is up (a poison prompt); "
          "after that the prompt fails with comfy_error and its owner is told.", minimum=1),

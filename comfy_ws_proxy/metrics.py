@@ -19,7 +19,7 @@ NS = "comfy_ws_proxy"
 DIRECTIONS = ("to_client", "to_comfy")
 TYPE_CLASSES = ("status", "progress", "execution", "output", "preview", "text", "control", "error", "other")
 PROMPT_OUTCOMES = ("accepted", "queued", "rejected", "rate_limited", "queue_full", "success", "error",
-                   "interrupted", "timed_out", "cancelled", "resubmitted")
+                   "interrupted", "timed_out", "cancelled", "resubmitted", "lost")
 AUTH_REASONS = ("missing_token", "malformed", "alg_not_allowed", "unknown_kid", "bad_signature", "expired",
                 "not_yet_valid", "bad_issuer", "bad_audience", "missing_claim", "invalid", "timeout",
                 "origin", "too_many_connections_ip")

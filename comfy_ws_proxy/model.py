@@ -23,6 +23,7 @@ class JobState:
     TIMED_OUT = "timed_out"    # past its execution time limit: interrupted by the proxy
     CANCELLED = "cancelled"    # removed before it ran
     REJECTED = "rejected"      # ComfyUI refused it (HTTP 4xx)
+    LOST = "lost"              # ComfyUI lost it after it may have run unheard (RESUBMIT_UNKNOWN=false)
 
     UNFINISHED = frozenset({QUEUED, SUBMITTING, PENDING, RUNNING})
     IN_COMFY = frozenset({PENDING, RUNNING})
@@ -97,6 +98,7 @@ class ErrorCode:
     INVALID_MESSAGE = "invalid_message"
     INVALID_PROMPT = "invalid_prompt"
     COMFY_ERROR = "comfy_error"  # ComfyUI failed (5xx) on this prompt, again and again
+    OUTCOME_UNKNOWN = "outcome_unknown"  # ComfyUI lost it, and it may have run: not sent again
     MESSAGE_TOO_LARGE = "message_too_large"
     RATE_LIMITED = "rate_limited"
     NOT_FOUND = "not_found"

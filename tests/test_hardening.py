@@ -282,3 +282,39 @@ async def test_ready_is_503_while_comfyuis_websocket_is_refused(io_loop):
         h.sim.websocket_status = None
         await asyncio.wait_for(link.ready.wait(), TIMEOUT)
         assert (await h.get("/ready")).code == 200
+
+
+@pytest.mark.parametrize("resubmit_unknown", [True, False])
+async def test_a_job_lost_after_it_may_have_run_follows_the_policy(io_loop, resubmit_unknown):
+    """Finding 13: once ComfyUI restarted while the proxy was not hearing it (its sockets were
+    down: a ComfyUI crash, or a proxy crash as well), nobody can tell whether a job it had
+    accepted ran. RESUBMIT_UNKNOWN=true (the default) sends it again: at least once; false
+    ends it lost and tells its owner: at most once. A POST that provably never arrived (its
+    answer was lost while the socket kept listening) always goes again."""
+    async with ProxyHarness(resubmit_unknown=resubmit_unknown, comfy_request_timeout_ms=300) as h:
+        alice = await h.connect("alice")
+        h.sim.paused = True
+        accepted = (await alice.submit(workflow("success")))["data"]["prompt_id"]
+        await h.sim.restart()  # ComfyUI forgets it; its sockets dropped: did it run? Nobody knows
+        h.sim.paused = False
+        if resubmit_unknown:
+            again = await alice.next("prompt_accepted", lambda m: m["data"]["prompt_id"] == accepted
+                                     and m["data"].get("resubmitted"))
+            assert again["data"]["queued"] is False
+            await alice.next("execution_success", lambda m: m["data"]["prompt_id"] == accepted)
+        else:
+            lost = await alice.next("error", lambda m: m["data"].get("prompt_id") == accepted)
+            assert lost["data"]["code"] == "outcome_unknown"
+            assert h.state.tracker.get(accepted).state == "lost"
+            await h.sim.wait_idle()
+            assert h.sim.execution_counts[accepted] == 0
+        await h.state.service.wait_settled(TIMEOUT)
+        h.sim.stall_post_prompt = "before_enqueue"  # the POST never lands; its answer never comes
+        unanswered = workflow("success")
+        unanswered["1"]["inputs"]["color"] = 5
+        reply = await alice.submit(unanswered)
+        assert reply["data"]["queued"] is True
+        h.sim.stall_post_prompt = None
+        h.sim.release_stalled()
+        await alice.next("execution_success", lambda m: m["data"]["prompt_id"] == reply["data"]["prompt_id"])
+        assert h.sim.execution_counts[reply["data"]["prompt_id"]] == 1  # sent again, safely, by either policy

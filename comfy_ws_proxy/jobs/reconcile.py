@@ -24,7 +24,7 @@ from ..backends.backend import Backend, ComfyRejected, ComfyUnavailable
 from ..backends.link import ComfyLink
 from ..backends.links import LinkManager
 from ..backends.pool import BackendPool
-from ..model import Job, JobState
+from ..model import ErrorCode, Job, JobState
 from .queue import JobQueue, accepted_data
 from .tracker import JobTracker
 
@@ -71,6 +71,7 @@ class Reconciler:
         self.links = links
         self.clock = clock
         self.watchdog_after = settings.job_watchdog_s
+        self.resubmit_unknown = settings.resubmit_unknown
         self._timer = PeriodicCallback(self.tick, WATCHDOG_TICK_S * 1000)
         self.retry: set[str] = set()  # jobs ComfyUI could not be asked about yet
         self.asking: dict[str, asyncio.Future] = {}  # job id -> the question in flight
@@ -197,6 +198,16 @@ class Reconciler:
             self.links.release_idle_soon(job.owner)
             self.queue.kick()
         elif where == "absent":
+            # Did it perhaps run? If we heard everything since ComfyUI took it (no gap) and it
+            # never started, no: it goes again, safely. Otherwise only RESUBMIT_UNKNOWN decides.
+            may_have_run = job.gap or job.state == JobState.RUNNING
+            if may_have_run and not self.resubmit_unknown:
+                log.warning("prompt lost by ComfyUI after it may have run, not sent again user=%s prompt=%s",
+                            job.owner, job.job_id)
+                self.tracker.end_without_running(job, JobState.LOST, "error", {
+                    "code": ErrorCode.OUTCOME_UNKNOWN, "prompt_id": job.job_id,
+                    "message": "ComfyUI lost this prompt, and it may have run; it was not sent again"})
+                return
             if job.state != JobState.QUEUED:  # (a queued one: its lost POST never arrived)
                 log.warning("prompt lost by ComfyUI, requeued user=%s prompt=%s", job.owner, job.job_id)
             # ComfyUI never had it, or restarted and forgot it: it goes again, with the same id.

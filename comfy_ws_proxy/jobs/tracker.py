@@ -74,7 +74,7 @@ class JobTracker:
                 job.state = JobState.QUEUED
                 job.outcome_unknown = True
                 self.save(job)
-            if job.state in JobState.IN_COMFY:
+            if job.state in JobState.IN_COMFY or job.outcome_unknown:
                 job.gap = True  # its events went to a socket that died with the old process
             self._index(job)
 
@@ -388,7 +388,7 @@ class JobTracker:
             data = job.result or {"prompt_id": job_id}
             if job.state == JobState.CANCELLED:
                 ok = subscriber.job_notice(job, "prompt_cancelled", {"prompt_id": job_id, "replayed": True})
-            elif job.state == JobState.REJECTED:
+            elif job.state in (JobState.REJECTED, JobState.LOST):
                 ok = subscriber.job_notice(job, "error", {**data, "replayed": True})
             else:
                 for node_id, output in job.outputs.items():
