@@ -152,7 +152,9 @@ def server_frame(opcode: int, payload: bytes, fin: bool = True, masked: bool = F
         return bytes([first, 0x80 | len(payload)]) + b"\0\0\0\0" + payload
     if len(payload) < 126:
         return bytes([first, len(payload)]) + payload
-    return bytes([first, 126]) + struct.pack("!H", len(payload)) + payload
+    if len(payload) < 65536:
+        return bytes([first, 126]) + struct.pack("!H", len(payload)) + payload
+    return bytes([first, 127]) + struct.pack("!Q", len(payload)) + payload
 
 
 async def test_fragments_are_joined_and_pings_answered(io_loop):
@@ -217,4 +219,20 @@ async def test_a_server_that_stops_answering_pings_is_dropped(io_loop):
     sock = await open_client(f"ws://127.0.0.1:{port}/ws", Received(), ping_interval=0.05)
     await asyncio.wait_for(sock.wait_closed(), TIMEOUT)  # ping, silence for an interval: gone
     assert raw.client_frames()[0] == (OP_PING, b"")
+    raw.server.close()
+
+
+async def test_after_an_oversized_frame_nothing_more_is_parsed(io_loop, caplog):
+    """Issue 15 ('smaller'): after closing with 1009 the client went on parsing the rest of the
+    refused frame as frames (422 warnings for one frame). One warning, one close, hang up."""
+    refused = server_frame(OP_BINARY, bytes(range(256)) * 8192)  # 2 MiB over the cap, full of byte patterns
+    raw = RawServer(refused + server_frame(OP_TEXT, b"after"))
+    port = await raw.start()
+    got = Received()
+    sock = await open_client(f"ws://127.0.0.1:{port}/ws", got, max_message_size=1000)
+    await asyncio.wait_for(sock.wait_closed(), TIMEOUT)  # (it hangs up by itself)
+    assert got.items == []
+    warnings = [r for r in caplog.records if "protocol error" in r.getMessage()]
+    assert len(warnings) == 1 and "(1009)" in warnings[0].getMessage()
+    assert raw.client_frames()[-1] == (OP_CLOSE, struct.pack("!H", 1009) + b"message too big")
     raw.server.close()

@@ -67,6 +67,7 @@ class UpstreamSocket(asyncio.BufferedProtocol):
         self.close_code: int | None = None
         self._head = bytearray()  # the HTTP answer, until its end
         self._tail = b""  # an incomplete small frame
+        self._desynced = False  # a protocol error: nothing more is read
         self._large: bytearray | None = None  # a big frame's payload, being filled
         self._large_filled = 0
         self._large_first = 0  # that frame's first header byte
@@ -108,6 +109,8 @@ class UpstreamSocket(asyncio.BufferedProtocol):
         self.data_received(bytes(_SCRATCH[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
+        if self._desynced:
+            return
         if not self.opened.done():
             data = self._handshake(data)
             if not data:
@@ -275,9 +278,14 @@ class UpstreamSocket(asyncio.BufferedProtocol):
             self._protocol_error(1002, f"unknown control opcode {opcode}")
 
     def _protocol_error(self, code: int, why: str) -> None:
+        """The stream is out of step (what follows may be the rest of a refused frame, read as
+        frames it would be garbage): say why, and hang up without reading any more."""
         log.warning("upstream WebSocket protocol error (%d): %s", code, why)
         self._fragments = self._large = None
+        self._desynced = True
         self.close(code, why)
+        if self.transport is not None:
+            self.transport.close()  # (our close frame is flushed first)
 
     # --- frames out ------------------------------------------------------------------------------
     def _send(self, opcode: int, payload: bytes) -> None:
