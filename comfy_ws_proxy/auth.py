@@ -251,6 +251,20 @@ class TokenVerifier:
         self.leeway = leeway
         self.no_verify = no_verify
 
+    async def fetch_key(self, token: str | None) -> None:
+        """Have the token's signing key at hand (a JWKS fetch for an unknown kid may take its
+        time). Run before a caller takes an upgrade slot, so that waiting on the JWKS endpoint
+        holds no slot; verify() then finds the key cached (or quickly finds it missing). Any
+        problem with the token is left to verify() to report."""
+        if not token or self.no_verify or self.keys is None or len(token) > MAX_TOKEN_LENGTH:
+            return
+        try:
+            kid = jwt.get_unverified_header(token).get("kid")
+        except jwt.PyJWTError:
+            return
+        if kid is None or isinstance(kid, str):
+            await self.keys.find(kid)
+
     async def verify(self, token: str | None) -> Identity:
         if not token:
             raise AuthError("missing_token", "A bearer token is required")

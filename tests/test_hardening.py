@@ -318,3 +318,48 @@ async def test_a_job_lost_after_it_may_have_run_follows_the_policy(io_loop, resu
         h.sim.release_stalled()
         await alice.next("execution_success", lambda m: m["data"]["prompt_id"] == reply["data"]["prompt_id"])
         assert h.sim.execution_counts[reply["data"]["prompt_id"]] == 1  # sent again, safely, by either policy
+
+
+async def test_a_stalled_jwks_endpoint_holds_no_upgrade_slot(io_loop):
+    """Finding 8: a slow JWKS endpoint plus unknown-kid tokens held every upgrade slot (a
+    legitimate upgrade waited 3.8 s)."""
+    from tornado.httpserver import HTTPServer
+    from tornado.netutil import bind_sockets
+    from tornado.web import Application, RequestHandler
+
+    from comfy_ws_proxy.testing.tokens import DevKey
+
+    key = DevKey.generate("good")
+    loop = asyncio.get_running_loop()
+    stall = {"on": False, "released": loop.create_future(), "arrived": loop.create_future()}
+
+    class Jwks(RequestHandler):
+        async def get(self):
+            if stall["on"]:
+                if not stall["arrived"].done():
+                    stall["arrived"].set_result(True)
+                await stall["released"]
+            self.finish(key.jwks())
+
+    sockets = bind_sockets(0, "127.0.0.1")
+    server = HTTPServer(Application([(r"/jwks.json", Jwks)]))
+    server.add_sockets(sockets)
+    url = f"http://127.0.0.1:{sockets[0].getsockname()[1]}/jwks.json"
+    try:
+        async with ProxyHarness(jwt_key_file="", jwt_jwks_url=url, jwks_min_refetch_interval_s=0,
+                                max_concurrent_upgrades=1, handshake_timeout_ms=30_000) as h:
+            await h.connect("alice", token=key.token("alice"))  # the cache has the good key
+            stall["on"] = True
+            stranger = DevKey.generate("unknown")
+            refused = asyncio.ensure_future(h.refused(stranger.token("mallory")))
+            await asyncio.wait_for(stall["arrived"], TIMEOUT)  # its fetch reached the JWKS endpoint: it hangs
+            bob = await asyncio.wait_for(h.connect("bob", token=key.token("bob")), TIMEOUT)
+            assert bob.received[0]["type"] == "session"  # in while the other one waits for the JWKS
+            assert not refused.done()
+            stall["released"].set_result(True)
+            status, body = await asyncio.wait_for(refused, TIMEOUT)
+            assert status == 401 and body["error"]["reason"] == "unknown_kid"
+    finally:
+        if not stall["released"].done():
+            stall["released"].set_result(True)
+        server.stop()

@@ -67,6 +67,12 @@ class ClientConnection(WebSocketHandler):
             self.metrics.auth_failures.labels("too_many_connections_ip").inc()
             return self._refuse(429, ErrorCode.TOO_MANY_CONNECTIONS, "Too many connections from this address")
         token, source = extract_token(self.request.headers, self.request.query, allow_query=s.allow_query_token)
+        # A slow JWKS endpoint is waited for outside the upgrade slots: a flood of unknown-kid
+        # tokens must not hold every slot while legitimate upgrades wait.
+        try:
+            await asyncio.wait_for(self.verifier.fetch_key(token), s.handshake_timeout_ms / 1000)
+        except asyncio.TimeoutError:
+            pass  # verify() says unknown_kid
         # A burst of upgrades (every client reconnecting at once) is let through a few at a
         # time: each costs ~0.5 ms of CPU (signature check, handshake), and a few hundred run
         # back to back would stall every other socket's events for as long.
