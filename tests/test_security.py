@@ -6,12 +6,14 @@ import json
 import os
 import socket
 import struct
+import uuid
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from comfy_ws_proxy.gateway.protocol import CloseCode
+from comfy_ws_proxy.model import Job
 
 from .helpers import TIMEOUT, ProxyHarness, workflow
 
@@ -341,8 +343,9 @@ async def test_frames_stay_whole_and_in_order_when_the_socket_backs_up(io_loop):
         assert json.loads(first)["type"] == "session"  # the connection is open for the session's messages
         session = h.state.registry.sessions["alice"]
         conn = next(iter(session.connections))
+        job = Job(str(uuid.uuid4()), "alice", "running", None)  # (the messages are about some job of hers)
         for i in range(4000):
-            session.broadcast("filler", {"i": i, "pad": "x" * 1000})
+            session.job_notice(job, "filler", {"i": i, "pad": "x" * 1000})
         assert conn.pending_bytes > 0  # the kernel's buffers filled: later frames were queued
         seqs, data = [], b""
 

@@ -72,10 +72,6 @@ class Session:
         self.seq += 1
         return self.seq
 
-    def broadcast(self, kind: str, data) -> bool:
-        """A proxy message about no job in particular, to every connection (and buffered)."""
-        return self._fan_out(protocol.encode(kind, data, self.next_seq()), "control", None)
-
     def reply(self, conn, kind: str, data) -> None:
         """A message to one connection only (session, pong, errors of its own requests)."""
         conn.send_text(protocol.encode(kind, data, self.next_seq()), "error" if kind == "error" else "control")
