@@ -8,6 +8,7 @@ to ``routing.route`` (the isolation rule); what is attributed goes to the sink.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import random
@@ -92,6 +93,9 @@ class ComfyLink:
         self.backend = backend
         self.client_id = client_id
         self.sink = sink
+        self._owns = functools.partial(sink.owns, owner)
+        self._is_running = sink.is_running
+        self._deliver = functools.partial(sink.link_frame, self)
         self.max_message_size = max_message_size
         self.ping_interval = ping_interval or None
         self.reconnect_min = reconnect_min
@@ -222,11 +226,9 @@ class ComfyLink:
             log.exception("failed to route an upstream frame")
 
     # --- routing ---------------------------------------------------------------------------
-    def _owns(self, job_id: str) -> bool:
-        return self.sink.owns(self.owner, job_id)
-
     def route(self, message: str | bytes | bytearray) -> None:
-        routed = route(message, owns=self._owns, running=self.running, is_running=self.sink.is_running)
+        # (the relay's hot path: the sink's bound methods are looked up once, in __init__)
+        routed = route(message, owns=self._owns, running=self.running, is_running=self._is_running)
         if routed is None:
             return
         if routed is REGISTERED:
@@ -243,7 +245,7 @@ class ComfyLink:
         elif routed.kind == "executing" and routed.data.get("node", "") is None:
             self.ended.append(routed.job_id)
         self.running = running
-        self.sink.link_frame(self, routed, message)
+        self._deliver(routed, message)
 
     def _registered(self) -> None:
         self._registered_now = True

@@ -53,6 +53,8 @@ class LinkManager:
         # keep(owner, backend name): is the link still wanted? Set by the wiring (it knows
         # both the jobs and the sockets); until then links are kept.
         self.keep: Callable[[str, str], bool] = lambda owner, backend: True
+        self.owns = frames.owns
+        self.is_running = frames.is_running
         self._handles: set[asyncio.TimerHandle] = set()  # deaf checks and idle sweeps
         self._closing: set[asyncio.Future] = set()
 
@@ -126,11 +128,7 @@ class LinkManager:
         self._handles.add(handle)
 
     # --- what the links tell (LinkSink) ---------------------------------------------------------
-    def owns(self, owner: str, job_id: str) -> bool:
-        return self.frames.owns(owner, job_id)
-
-    def is_running(self, job_id: str) -> bool:
-        return self.frames.is_running(job_id)
+        # owns, is_running and link_frame: the frame sink's own, bound in __init__ (hot path)
 
     def link_frame(self, link: ComfyLink, routed: Routed, frame) -> None:
         self.frames.upstream_frame(link.owner, link.backend.name, routed, frame)

@@ -50,7 +50,6 @@ class ClientConnection(WebSocketHandler):
         self.ping_sent_at: float | None = None  # an unanswered ping
         self._upgrade_slot = False  # holds one of registry.upgrades until open() starts
         self.replayed: list[str] = []  # jobs whose owed outcome this connection got at open
-        self.greeted = False  # its ``session`` message went out: the session may write to it
 
     # --- the upgrade ------------------------------------------------------------------------------
     async def get(self, *args, **kwargs):
@@ -170,7 +169,7 @@ class ClientConnection(WebSocketHandler):
         # user's jobs is sent here (an outcome published meanwhile is owed, and comes below).
         session.reply(self, "session", {"session_id": session.session_id, "user_id": identity.user_id,
                                         "resumed": False})
-        self.greeted = True
+        session.greet(self)
         if not ready:
             session.reply(self, "error", {"code": ErrorCode.COMFY_UNAVAILABLE,
                                           "message": "ComfyUI is temporarily unavailable",

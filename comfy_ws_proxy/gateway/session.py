@@ -39,6 +39,8 @@ class Session:
         self.user_id = user_id
         self.session_id = secrets.token_urlsafe(18)
         self.connections: set = set()
+        # Those that had their ``session`` message: the only ones written to (see greet()).
+        self.live: tuple = ()
         self.seq = 0
         # Sent messages kept for resume as (seq, text, job id), bounded in count and bytes;
         # created on first use (an empty deque costs 760 bytes; most idle sessions need none).
@@ -58,14 +60,15 @@ class Session:
             text = protocol.with_seq(frame, self.next_seq())
             return self._fan_out(text, type_class(kind), job.job_id if job is not None else None)
         kind_class = "text" if kind == "text" else "preview"
-        live = self.live_connections()
+        live = self.live
         for conn in live:
             conn.send_binary(frame, kind_class)
         return bool(live)
 
-    def live_connections(self) -> list:
-        """The connections that had their ``session`` message (the only ones written to)."""
-        return [conn for conn in self.connections if conn.greeted]
+    def greet(self, conn) -> None:
+        """``conn`` had its ``session`` message: from now on it gets what the session sends."""
+        if conn in self.connections:
+            self.live = (*self.live, conn)
 
     # --- sending --------------------------------------------------------------------------------
     def next_seq(self) -> int:
@@ -78,7 +81,7 @@ class Session:
 
     def _fan_out(self, text: str, kind_class: str, job_id: str | None) -> bool:
         self._keep(text, job_id)
-        live = self.live_connections()
+        live = self.live  # (a tuple: a write that closes a slow client may change it meanwhile)
         for conn in live:
             conn.send_text(text, kind_class)
         return bool(live)
@@ -162,6 +165,7 @@ class SessionRegistry:
         if conn not in session.connections:
             return
         session.connections.discard(conn)
+        session.live = tuple(c for c in session.live if c is not conn)
         self.ip_connections[ip] -= 1
         if self.ip_connections[ip] <= 0:
             del self.ip_connections[ip]
