@@ -71,3 +71,33 @@ async def test_a_job_past_its_time_limit_is_interrupted_and_ends_timed_out(io_lo
         assert h.state.tracker.get(other["data"]["prompt_id"]).timeout_s == 600
         bad = await alice.submit(workflow("success"), timeout_s=-1)
         assert bad["type"] == "error" and bad["data"]["code"] == "invalid_message"
+
+
+async def test_a_socket_comfyui_stopped_routing_to_is_noticed_after_a_post_and_replaced(io_loop):
+    """UPSTREAM_DEAF_AFTER_S: ComfyUI broadcasts a status when its queue changes; a socket that
+    saw none after an accepted POST is no longer routed to (PROTOCOL.md 3.2). It is replaced
+    (same client id) and the job reconciled, long before the watchdog would ask."""
+    async with ProxyHarness(upstream_deaf_after_s=0.2, job_watchdog_s=3600) as h:
+        alice = await h.connect("alice")
+        link = h.state.links.get("alice", "default")
+        thief = await websocket_connect(f"{h.sim.ws_url}?clientId={link.client_id}")
+        assert json.loads(await thief.read_message())["data"]["sid"] == link.client_id
+        replaced = asyncio.get_running_loop().create_future()
+
+        class Watch:
+            def link_up(self, up, reconnected):
+                if up is link and reconnected and not replaced.done():
+                    replaced.set_result(None)
+
+            def link_down(self, down):
+                pass
+        h.state.links.listeners.append(Watch())
+        h.sim.paused = True
+        prompt_id = (await alice.submit(workflow("success")))["data"]["prompt_id"]
+        await asyncio.wait_for(replaced, TIMEOUT)  # no status came: the socket was replaced
+        assert link.connections == 2 and h.state.links.get("alice", "default") is link
+        h.sim.paused = False
+        final = await alice.next("execution_success", lambda m: m["data"]["prompt_id"] == prompt_id)
+        assert final["data"]["prompt_id"] == prompt_id
+        assert h.sim.execution_counts[prompt_id] == 1
+        thief.close()
