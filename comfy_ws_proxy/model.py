@@ -65,6 +65,7 @@ class Job:
     held: list = field(default_factory=list, compare=False)  # (kind, frame) waiting for the POST's answer
     final_seen: bool = field(default=False, compare=False)  # a live final arrived while gap was set
     interrupt_sent: bool = field(default=False, compare=False)  # the time limit's interrupt went out
+    withdrawn: bool = field(default=False, compare=False)  # cancelled, then seen in ComfyUI: taken out
 
     @property
     def finished(self) -> bool:

@@ -33,14 +33,19 @@ class ProxyProcess:
         self.lines: list[str] = []
         self.env = {name.upper(): str(value) for name, value in env.items()}
 
-    async def start(self) -> None:
-        env = dict(os.environ, PYTHONPATH=ROOT, COMFY_URL=self.comfy_url, DEV_MODE="true",
-                   JWT_KEY_FILE=str(self.jwks), STORE_PATH=str(self.store), PORT=str(self.port),
-                   UPSTREAM_RECONNECT_MIN_MS="20", UPSTREAM_RECONNECT_MAX_MS="200", BREAKER_OPEN_MS="50",
-                   BREAKER_MAX_OPEN_MS="300", SUBMIT_BURST="1000", SUBMIT_RATE_PER_S="1000",
-                   SHUTDOWN_GRACE_MS="5000", **self.env)
-        self.proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "comfy_ws_proxy", env=env,
+    def environ(self) -> dict:
+        return dict(os.environ, PYTHONPATH=ROOT, COMFY_URL=self.comfy_url, DEV_MODE="true",
+                    JWT_KEY_FILE=str(self.jwks), STORE_PATH=str(self.store), PORT=str(self.port),
+                    UPSTREAM_RECONNECT_MIN_MS="20", UPSTREAM_RECONNECT_MAX_MS="200", BREAKER_OPEN_MS="50",
+                    BREAKER_MAX_OPEN_MS="300", SUBMIT_BURST="1000", SUBMIT_RATE_PER_S="1000",
+                    SHUTDOWN_GRACE_MS="5000", **self.env)
+
+    async def spawn(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "comfy_ws_proxy", env=self.environ(),
                                                          stderr=asyncio.subprocess.PIPE)
+
+    async def start(self) -> None:
+        await self.spawn()
         await self.wait_for_line("listening on")
 
     async def wait_for_line(self, text: str) -> str:
@@ -200,12 +205,9 @@ async def test_a_second_proxy_on_the_same_store_refuses_to_start(io_loop, tmp_pa
     second = ProxyProcess(tmp_path, sim.url, key)  # the same tmp_path: the same store file
     try:
         await first.start()
-        env = dict(os.environ, PYTHONPATH=ROOT, COMFY_URL=sim.url, DEV_MODE="true", JWT_KEY_FILE=str(second.jwks),
-                   STORE_PATH=str(second.store), PORT=str(second.port))
-        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "comfy_ws_proxy", env=env,
-                                                    stderr=asyncio.subprocess.PIPE)
-        _, err = await asyncio.wait_for(proc.communicate(), TIMEOUT)
-        assert proc.returncode == 2
+        await second.spawn()
+        _, err = await asyncio.wait_for(second.proc.communicate(), TIMEOUT)
+        assert second.proc.returncode == 2
         lines = err.decode().strip().splitlines()
         assert lines[-1] == (f"comfy-ws-proxy: error: STORE_PATH: {first.store} is in use by another proxy "
                              f"process (pid {first.proc.pid}); give each proxy a store of its own")

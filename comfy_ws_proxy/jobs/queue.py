@@ -141,10 +141,6 @@ class JobQueue:
         if self._draining is not None and not self._draining.done():
             self._draining.cancel()
 
-    @property
-    def busy(self) -> bool:
-        return self._draining is not None
-
     # --- submit ---------------------------------------------------------------------------------
     async def submit(self, job: Job) -> None:
         """A new job: straight to a backend when nothing of its owner waits before it and one

@@ -282,8 +282,8 @@ class JobTracker:
         if job.finished:
             if job.state == JobState.CANCELLED:
                 # Its owner was told it is cancelled: none of it is delivered, and it is stopped.
-                if kind == "execution_start" or not job.interrupt_sent:
-                    job.interrupt_sent = True
+                if kind == "execution_start" or not job.withdrawn:
+                    job.withdrawn = True
                     for listener in list(self.stray_listeners):
                         listener(job)
                 return
@@ -318,11 +318,7 @@ class JobTracker:
                 for listener in list(self.gap_final_listeners):
                     listener(job)
                 return
-            state = self.final_state(job, FINAL_EVENTS[kind])
-            if state == JobState.TIMED_OUT:
-                self.notify(job, "prompt_timed_out", {"prompt_id": job.job_id, "timeout_s": job.timeout_s})
-            self._deliver(job, kind, frame)
-            self.finish(job, state, result=routed.data)
+            self._end_with(job, kind, frame, routed.data)
             return
         self._deliver(job, kind, frame)
 
@@ -334,8 +330,14 @@ class JobTracker:
         return state
 
     # --- outcomes -------------------------------------------------------------------------------
-    def finish(self, job: Job, state: str, *, result: dict | None = None) -> None:
-        self.move(job, state, outcome_unknown=False, result=result)
+    def _end_with(self, job: Job, kind: str, frame, data: dict) -> None:
+        """ComfyUI's final event ``kind`` (its frame, live or replayed) ends the job: the owner
+        hears it (after prompt_timed_out, if the time limit did it), then the state is kept."""
+        state = self.final_state(job, FINAL_EVENTS[kind])
+        if state == JobState.TIMED_OUT:
+            self.notify(job, "prompt_timed_out", {"prompt_id": job.job_id, "timeout_s": job.timeout_s})
+        self._deliver(job, kind, frame)
+        self.move(job, state, outcome_unknown=False, result=data)
         self.metrics.prompts.labels(state).inc()
         log.info("prompt finished user=%s prompt=%s outcome=%s", job.owner, job.job_id, state)
 
@@ -364,14 +366,8 @@ class JobTracker:
         if final_kind is None:
             final_kind = "execution_success" if status.get("status_str") == "success" else "execution_error"
             final_data = {"prompt_id": job_id}
-        state = self.final_state(job, FINAL_EVENTS[final_kind])
-        if state == JobState.TIMED_OUT:
-            self.notify(job, "prompt_timed_out", {"prompt_id": job_id, "timeout_s": job.timeout_s})
-        self._deliver(job, final_kind, replayed(final_kind, final_data))
-        job.final_seen = True  # the live tail (if any) would repeat what was just replayed
-        self.move(job, state, outcome_unknown=False, result=final_data)
-        self.metrics.prompts.labels(state).inc()
-        log.info("prompt finished (from history) user=%s prompt=%s outcome=%s", job.owner, job_id, state)
+        job.final_seen = True  # the live tail (if any) would repeat what is replayed now
+        self._end_with(job, final_kind, replayed(final_kind, final_data), final_data)
         self._publish_frame(job, job.owner, "executing", replayed("executing", {"node": None, "prompt_id": job_id}))
 
     def owed(self, owner: str) -> list[Job]:
