@@ -16,7 +16,7 @@ from tornado.ioloop import PeriodicCallback
 from . import __version__
 from .api.demo import DemoHandler, DemoWorkflowHandler
 from .api.ops import HealthHandler, LiveHandler, MetricsHandler, PrometheusHandler, ReadyHandler, snapshot
-from .api.outputs import OutputsHandler
+from .api.outputs import DownloadSlots, OutputsHandler
 from .auth import build_verifier
 from .backends.backend import Backend
 from .backends.breaker import CircuitBreaker
@@ -24,6 +24,7 @@ from .backends.links import LinkManager
 from .backends.pool import BackendPool
 from .gateway.connection import ClientConnection, ClientPinger
 from .gateway.session import SessionRegistry
+from .jobs.isolation import UserIsolation
 from .jobs.queue import JobQueue
 from .jobs.reconcile import Reconciler
 from .jobs.service import JobService
@@ -95,8 +96,13 @@ class ProxyState:
                               max_attempts=settings.max_submit_attempts,
                               per_owner=settings.max_comfy_jobs_per_user)
         self.reconciler = Reconciler(self.tracker, self.queue, self.pool, self.links, settings, clock)
+        self.isolation = UserIsolation(self.store.secret("user-folders"), file_inputs=settings.file_inputs,
+                                       shared_cache_nodes=settings.shared_cache_nodes,
+                                       shared_input_folder=settings.shared_input_folder) \
+            if settings.isolate_users else None
         self.service = JobService(self.tracker, self.queue, self.reconciler, self.pool, self.links, self.metrics,
-                                  settings, clock)
+                                  settings, clock, self.isolation)
+        self.downloads = DownloadSlots(settings.max_downloads_per_user)
         # the WebSocket face
         self.registry = SessionRegistry(settings, self.service, self.metrics, clock)
         # A link is kept while its user has a socket open or a job not yet finished.
@@ -197,7 +203,8 @@ def routes(state: ProxyState, prefix: str = "") -> list:
         (prefix + r"/metrics", MetricsHandler, kw),
         (prefix + r"/metrics/prometheus", PrometheusHandler, kw),
         (prefix + r"/outputs/([0-9a-f-]{36})(?:/(view))?", OutputsHandler,
-         {**state.user_kwargs(), "service": state.service, "pool": state.pool}),
+         {**state.user_kwargs(), "service": state.service, "pool": state.pool, "isolation": state.isolation,
+          "downloads": state.downloads, "stall_timeout": state.settings.download_stall_timeout_s}),
     ] + ([
         (prefix + r"/demo", DemoHandler, kw),
         (prefix + r"/demo/workflows/([a-z0-9-]+)\.json", DemoWorkflowHandler, kw),

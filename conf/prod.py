@@ -17,3 +17,9 @@ session_timeout_ms = 1800000
 cleanup_interval_ms = 300000
 ws_ping_interval_s = 25.0     # below nginx proxy_read_timeout (60s in conf/nginx.conf)
 log_json = True
+# Users' files (README "Users' files"): per-user output folders, loaders limited to the
+# user's own files, ComfyUI's cache per user. Safe without a NODE_ALLOWLIST.
+isolate_users = True
+file_inputs = []              # custom loaders' file inputs, e.g. ["MyLoader.path"]
+shared_cache_nodes = []       # e.g. ["CheckpointLoaderSimple", "VAELoader"]: faster, but a user can
+                              # tell that someone just loaded the same model

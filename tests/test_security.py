@@ -3,6 +3,7 @@ consumers, cross-user isolation at scale, and a fuzz test of the client socket."
 import asyncio
 import base64
 import json
+from urllib.parse import urlencode
 import os
 import socket
 import struct
@@ -273,7 +274,8 @@ async def test_outputs_are_served_only_to_their_owner_and_only_listed_files(io_l
         files = json.loads(listing.body)["files"]
         assert {f["node"] for f in files} == {"6", "7"}
         f = next(f for f in files if f["type"] == "output")
-        query = f"filename={f['filename']}&subfolder=&type=output"
+        assert f["subfolder"].startswith("u_")  # ISOLATE_USERS: saved in Alice's own folder
+        query = urlencode({"filename": f["filename"], "subfolder": f["subfolder"], "type": "output"})
         image = await h.get(f"/outputs/{prompt_id}/view?{query}", mine)
         assert image.headers.get("X-Content-Type-Options") == "nosniff"  # (finding: it was missing)
         assert image.code == 200 and image.body.startswith(b"\x89PNG")

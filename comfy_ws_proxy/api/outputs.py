@@ -1,11 +1,19 @@
 """/outputs: a user's own job's output files, from the backend that ran it."""
 from __future__ import annotations
 
+import asyncio
+
+from tornado.iostream import StreamClosedError
+
 from ..backends.backend import ComfyRejected, ComfyUnavailable
 from ..backends.pool import BackendPool
+from ..jobs.isolation import UserIsolation
 from ..jobs.service import JobService
 from ..model import RequestError
 from .base import UserHandler
+
+# ComfyUI's headers of a file that are passed on; the rest (its server, its CORS) are not ours.
+PASSED_HEADERS = ("Content-Type", "Content-Length", "Content-Disposition")
 
 
 def listed_files(outputs: dict) -> list[dict]:
@@ -20,6 +28,28 @@ def listed_files(outputs: dict) -> list[dict]:
     return files
 
 
+class DownloadSlots:
+    """Downloads in progress per user (MAX_DOWNLOADS_PER_USER): each holds a connection to
+    ComfyUI and a chunk of memory until its client has read it."""
+
+    def __init__(self, per_user: int):
+        self.per_user = per_user
+        self.active: dict[str, int] = {}
+
+    def take(self, owner: str) -> bool:
+        if self.active.get(owner, 0) >= self.per_user:
+            return False
+        self.active[owner] = self.active.get(owner, 0) + 1
+        return True
+
+    def give_back(self, owner: str) -> None:
+        left = self.active[owner] - 1
+        if left:
+            self.active[owner] = left
+        else:
+            del self.active[owner]
+
+
 class OutputsHandler(UserHandler):
     """GET /outputs/{prompt_id}: the caller's own job's output files;
     GET /outputs/{prompt_id}/view?filename=&subfolder=&type=: one of those files, streamed
@@ -27,13 +57,23 @@ class OutputsHandler(UserHandler):
 
     ComfyUI's /view has no ownership check and predictable names (PROTOCOL.md 5): the proxy
     serves only files listed in the outputs of a job the caller owns: those it heard (kept
-    with the job) and those in ComfyUI's history of it (cached nodes' outputs are only there).
+    with the job) and those in ComfyUI's history of it (cached nodes' outputs are only there);
+    with ISOLATE_USERS, an output or input file only from the caller's own folder.
     """
 
-    def initialize(self, verifier, metrics, service: JobService, pool: BackendPool):
+    def initialize(self, verifier, metrics, service: JobService, pool: BackendPool,
+                   isolation: UserIsolation | None, downloads: DownloadSlots, stall_timeout: float):
         super().initialize(verifier, metrics)
         self.service = service
         self.pool = pool
+        self.isolation = isolation
+        self.downloads = downloads
+        self.stall_timeout = stall_timeout
+
+    def _mine(self, file: dict) -> bool:
+        if self.isolation is None or file["type"] == "temp":
+            return True  # temp files are listed only for the job that wrote them
+        return self.isolation.owns(self.identity.user_id, file["subfolder"])
 
     async def _owned_outputs(self, prompt_id: str):
         try:
@@ -51,7 +91,7 @@ class OutputsHandler(UserHandler):
                 if not outputs:
                     self.write_json_error(503, "comfy_unavailable", "ComfyUI is temporarily unavailable")
                     return None, None
-        return backend, listed_files(outputs)
+        return backend, [f for f in listed_files(outputs) if self._mine(f)]
 
     async def get(self, prompt_id: str, view: str | None = None):
         backend, files = await self._owned_outputs(prompt_id)
@@ -63,22 +103,49 @@ class OutputsHandler(UserHandler):
                   self.get_query_argument("type", "output"))
         if backend is None or wanted not in {(f["filename"], f["subfolder"], f["type"]) for f in files}:
             return self.write_json_error(404, "not_found", "No such output")
+        owner = self.identity.user_id
+        if not self.downloads.take(owner):
+            self.set_header("Retry-After", "1")
+            return self.write_json_error(429, "too_many_downloads",
+                                         f"At most {self.downloads.per_user} downloads at once per user")
+        try:
+            await self._stream(backend, wanted)
+        finally:
+            self.downloads.give_back(owner)
+
+    async def _stream(self, backend, wanted) -> None:
         self.clear_header("Content-Type")
         self.set_header("X-Content-Type-Options", "nosniff")  # before the first chunk flushes the headers
         started = False
+        cut = False
 
-        def on_headers(line: str) -> None:
-            if not started and line.lower().startswith("content-type:"):
-                self.set_header("Content-Type", line.split(":", 1)[1].strip())
+        def on_headers(headers) -> None:
+            for name in PASSED_HEADERS:
+                if name in headers:
+                    self.set_header(name, headers[name])
 
-        def on_chunk(chunk: bytes) -> None:
-            nonlocal started
+        async def on_chunk(chunk: bytes) -> bool:
+            # One chunk in flight per download: the next is read from ComfyUI only when the
+            # client has taken this one, or the download ends if it stops reading.
+            nonlocal started, cut
             started = True
             self.write(chunk)
-            self.flush()
+            try:
+                await asyncio.wait_for(self.flush(), self.stall_timeout)
+                return True
+            except (StreamClosedError, asyncio.TimeoutError):
+                cut = True
+                return False
 
-        status = await backend.stream_view(*wanted, on_headers=on_headers, on_chunk=on_chunk)
-        if status != 200 and not started:
-            self.set_header("Content-Type", "application/json")
-            return self.write_json_error(404, "not_found", "Output not available")
+        status, complete = await backend.stream_view(*wanted, on_headers=on_headers, on_chunk=on_chunk)
+        if not started:
+            for name in PASSED_HEADERS:
+                self.clear_header(name)
+            if status == 0:
+                return self.write_json_error(503, "comfy_unavailable", "ComfyUI is temporarily unavailable")
+            if status != 200:
+                return self.write_json_error(404, "not_found", "Output not available")
+        if cut or not complete:
+            self.request.connection.close()  # a body cut short must not look complete
+            return
         self.finish()

@@ -10,18 +10,54 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 import time
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 from urllib.parse import quote, urlencode, urlsplit
 
+from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.httputil import HTTPHeaders, HTTPInputError, HTTPMessageDelegate, RequestStartLine
 from tornado.ioloop import PeriodicCallback
+from tornado.iostream import StreamClosedError
+from tornado.tcpclient import TCPClient
 
 from .breaker import BreakerState, CircuitBreaker
 
 log = logging.getLogger(__name__)
 
 JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
+
+
+MAX_VIEW_BYTES = 1 << 40  # /view bodies are streamed, never held: no practical size limit
+
+
+class _ViewReader(HTTPMessageDelegate):
+    """Receives one /view response for stream_view."""
+
+    def __init__(self, on_headers, on_chunk):
+        self.on_headers = on_headers
+        self.on_chunk = on_chunk
+        self.code = 0
+        self.complete = False
+        self.stream = None
+
+    def headers_received(self, start_line, headers) -> None:
+        self.code = start_line.code
+        if self.code == 200:
+            self.on_headers(headers)
+
+    def data_received(self, chunk: bytes):
+        if self.code == 200:
+            return self._forward(chunk)
+        return None
+
+    def finish(self) -> None:
+        self.complete = True
+
+    async def _forward(self, chunk: bytes) -> None:
+        if not await self.on_chunk(chunk):
+            self.stream.close()  # the client is gone or stalled: stop reading from ComfyUI
 
 
 class ComfyUnavailable(Exception):
@@ -193,15 +229,41 @@ class Backend:
     async def delete_queued(self, prompt_id: str) -> None:
         await self.call("POST", "/queue", {"delete": [prompt_id]})
 
-    async def stream_view(self, filename: str, subfolder: str, kind: str, on_headers: Callable[[str], None],
-                          on_chunk: Callable[[bytes], None]) -> int:
-        """GET /view of one output file, streamed through the callbacks; returns the status."""
-        url = f"{self.base_url}/view?" + urlencode({"filename": filename, "subfolder": subfolder, "type": kind})
-        response = await self.http.fetch(HTTPRequest(url, streaming_callback=on_chunk, header_callback=on_headers,
-                                                     connect_timeout=self.connect_timeout,
-                                                     request_timeout=self.request_timeout, follow_redirects=False),
-                                         raise_error=False)
-        return response.code
+    async def stream_view(self, filename: str, subfolder: str, kind: str,
+                          on_headers: Callable[[HTTPHeaders], None],
+                          on_chunk: Callable[[bytes], Awaitable[bool]]) -> tuple[int, bool]:
+        """GET /view of one output file; returns ComfyUI's status (0: not reached) and
+        whether the whole body came.
+
+        On a 200, ``on_headers`` gets the headers and ``on_chunk`` each piece of the body; the
+        next piece is read only once the awaitable it returns is done, so a client that reads
+        slowly slows the download instead of filling the proxy's memory (AsyncHTTPClient's
+        streaming_callback cannot wait). ``on_chunk`` answering False ends the download.
+        """
+        parts = urlsplit(self.base_url)
+        tls = parts.scheme == "https"
+        path = (parts.path or "") + "/view?" + urlencode({"filename": filename, "subfolder": subfolder,
+                                                          "type": kind})
+        reader = _ViewReader(on_headers, on_chunk)
+        try:
+            stream = await TCPClient().connect(parts.hostname, parts.port or (443 if tls else 80),
+                                               ssl_options=ssl.create_default_context() if tls else None,
+                                               timeout=self.connect_timeout)
+        except (OSError, TimeoutError, StreamClosedError):
+            return 0, False
+        reader.stream = stream
+        connection = HTTP1Connection(stream, True, HTTP1ConnectionParameters(
+            no_keep_alive=True, header_timeout=self.request_timeout, max_body_size=MAX_VIEW_BYTES))
+        try:
+            connection.write_headers(RequestStartLine("GET", path, "HTTP/1.1"),
+                                     HTTPHeaders({"Host": parts.netloc, "Connection": "close"}))
+            connection.finish()
+            await connection.read_response(reader)
+        except (OSError, TimeoutError, StreamClosedError, HTTPInputError):
+            pass  # cut short: the caller sees how far it got
+        finally:
+            stream.close()
+        return reader.code, reader.complete
 
     # --- probing ---------------------------------------------------------------------------
     def _maybe_probe(self) -> None:

@@ -7,6 +7,7 @@ the queue, the reconciler, the breakers and the links, which the tracker does no
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from typing import Callable
@@ -19,6 +20,7 @@ from ..backends.links import LinkManager
 from ..backends.pool import BackendPool
 from ..metrics import Metrics
 from ..model import ErrorCode, Job, JobState, RequestError, SubmitRequest
+from .isolation import UserIsolation
 from .queue import JobQueue
 from .reconcile import Reconciler, locate
 from .tracker import JobTracker
@@ -54,8 +56,10 @@ class TokenBucket:
 
 class JobService:
     def __init__(self, tracker: JobTracker, queue: JobQueue, reconciler: Reconciler, pool: BackendPool,
-                 links: LinkManager, metrics: Metrics, settings, clock: Callable[[], float]):
+                 links: LinkManager, metrics: Metrics, settings, clock: Callable[[], float],
+                 isolation: UserIsolation | None = None):
         self.tracker = tracker
+        self.isolation = isolation
         self.queue = queue
         self.reconciler = reconciler
         self.pool = pool
@@ -110,6 +114,12 @@ class JobService:
         if self.tracker.waiting_count(owner) >= self.settings.max_queued_prompts_per_user:
             self.metrics.prompts.labels("queue_full").inc()
             raise RequestError(ErrorCode.QUEUE_FULL, prompt_id=job_id)
+        if self.isolation is not None:
+            try:
+                request = dataclasses.replace(request, prompt=self.isolation.confine(owner, request.prompt))
+            except RequestError as e:
+                e.prompt_id = job_id
+                raise
         job = Job(job_id, owner, JobState.QUEUED, request.payload(), created_at=self.tracker.wall(),
                   updated_at=self.tracker.wall(), timeout_s=self._time_limit(request))
         job.last_heard = now

@@ -35,5 +35,9 @@ class JobStore(Protocol):
         """ComfyUI's client id for this (owner, backend): minted once, the same after any
         restart, so ComfyUI keeps routing a running prompt's events to the new socket."""
 
+    def secret(self, name: str) -> bytes:
+        """A random secret of this deployment, minted once and kept: the same after any
+        restart and for every process sharing the store."""
+
     def close(self) -> None:
         ...

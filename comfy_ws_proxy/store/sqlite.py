@@ -38,6 +38,10 @@ CREATE INDEX IF NOT EXISTS prompts_unfinished ON prompts(state, ord);
 CREATE TABLE IF NOT EXISTS forgotten_ids (
     prompt_id TEXT PRIMARY KEY
 );
+CREATE TABLE IF NOT EXISTS secrets (
+    name TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS client_ids (
     user_id TEXT NOT NULL,
     backend TEXT NOT NULL,
@@ -163,6 +167,17 @@ class SqliteJobStore:
         except sqlite3.Error as e:
             raise StoreError(str(e)) from None
         return client_id
+
+    def secret(self, name: str) -> bytes:
+        try:
+            row = self.db.execute("SELECT value FROM secrets WHERE name = ?", (name,)).fetchone()
+            if row is not None:
+                return bytes(row[0])
+            value = os.urandom(32)
+            self.db.execute("INSERT INTO secrets (name, value) VALUES (?, ?)", (name, value))
+        except sqlite3.Error as e:
+            raise StoreError(str(e)) from None
+        return value
 
     def close(self) -> None:
         try:

@@ -97,6 +97,7 @@ import ipaddress
 import json
 import logging
 import math
+import posixpath
 import random
 import struct
 import time
@@ -316,6 +317,7 @@ class NodeClass:
     description: str = ""
     always_changed: bool = False  # IS_CHANGED returns the time: never cached
     unique_id_in_signature: bool = False  # has a hidden UNIQUE_ID input
+    file_input: str | None = None  # the input VALIDATE_INPUTS checks with exists_annotated_filepath
 
     def object_info(self, name: str) -> dict:
         inputs: dict = {"required": {k: list(v) for k, v in self.required.items()}}
@@ -372,6 +374,22 @@ NODE_CLASSES: dict[str, NodeClass] = {
         {"image": ("IMAGE",), "alpha": ("MASK",)}, ("IMAGE",), category="mask/compositing",
         display_name="Join Image with Alpha", module="comfy_extras.nodes_compositing"),
     "ImageBatch": NodeClass({"image1": ("IMAGE",), "image2": ("IMAGE",)}, ("IMAGE",), display_name="Batch Images"),
+    # Loaders (nodes.py): the file is checked by VALIDATE_INPUTS (exists_annotated_filepath),
+    # which replaces the list check; "name [output]" picks the folder, and "..", absolute paths
+    # and subfolders are obeyed as the OS obeys them (seen on a real 0.3.64).
+    "LoadImage": NodeClass(
+        {"image": (["example.png"], {"image_upload": True})}, ("IMAGE", "MASK"), file_input="image"),
+    "LoadImageMask": NodeClass(
+        {"image": (["example.png"], {"image_upload": True}), "channel": (["alpha", "red", "green", "blue"],)},
+        ("MASK",), category="mask", display_name="Load Image (as Mask)", file_input="image"),
+    "LoadImageOutput": NodeClass(
+        {"image": ("COMBO", {"image_upload": True, "image_folder": "output",
+                             "remote": {"route": "/internal/files/output", "refresh_button": True,
+                                        "control_after_refresh": "first"}})},
+        ("IMAGE", "MASK"), display_name="Load Image (from Outputs)", file_input="image",
+        description="Load an image from the output folder. When the refresh button is clicked, the node will "
+                    "update the image list and automatically select the first image, allowing for easy "
+                    "iteration."),
     "ImageAddNoise": NodeClass(
         {"image": ("IMAGE",),
          "seed": _int(0, 0, 0xFFFFFFFFFFFFFFFF, control_after_generate=True,
@@ -385,6 +403,26 @@ def is_link(value: Any) -> bool:
     """ComfyUI's graph_utils.is_link: ``[node_id: str, slot: int|float]``."""
     return (isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
             and isinstance(value[1], (int, float)) and not isinstance(value[1], bool))
+
+
+SIM_ROOT = "/comfyui"  # where the simulated ComfyUI's input/, output/ and temp/ folders are
+
+
+def resolve_annotated(name: str) -> tuple[str, str, str] | None:
+    """folder_paths.get_annotated_filepath, on the simulated folders: the (type, subfolder,
+    filename) a loader reads, or None outside them. The annotation is cut by length, the
+    default folder is input/, and the path is then taken as the OS takes it."""
+    base = "input"
+    for annotation, cut in (("[output]", 9), ("[input]", 8), ("[temp]", 7)):
+        if name.endswith(annotation):
+            name, base = name[:-cut], annotation[1:-1]
+            break
+    path = posixpath.normpath(posixpath.join(f"{SIM_ROOT}/{base}", name))
+    for kind in ("input", "output", "temp"):
+        if path.startswith(f"{SIM_ROOT}/{kind}/"):
+            subfolder, _, filename = path[len(SIM_ROOT) + len(kind) + 2:].rpartition("/")
+            return kind, subfolder, filename
+    return None
 
 
 # --- validation (POST /prompt) ----------------------------------------------------------------
@@ -404,7 +442,7 @@ def _types_match(received: str, expected: str) -> bool:
     return bool(set(received.split(",")) & set(expected.split(",")))
 
 
-def _validate_inputs(prompt: dict, node_id: str, validated: dict) -> tuple:
+def _validate_inputs(prompt: dict, node_id: str, validated: dict, exists: Callable[[str], bool]) -> tuple:
     """One node and, recursively, what it links to: (valid, errors, node_id), memoised."""
     if node_id in validated:
         return validated[node_id]
@@ -440,7 +478,7 @@ def _validate_inputs(prompt: dict, node_id: str, validated: dict) -> tuple:
                                               "received_type": received_type, "linked_node": value}})
                 continue
             try:
-                if _validate_inputs(prompt, value[0], validated)[0] is False:
+                if _validate_inputs(prompt, value[0], validated, exists)[0] is False:
                     valid = False
             except Exception as ex:  # noqa: BLE001 - reported in the response, like ComfyUI
                 valid = False
@@ -472,6 +510,11 @@ def _validate_inputs(prompt: dict, node_id: str, validated: dict) -> tuple:
                            "message": f"Value {value} bigger than max of {config['max']}", "details": name,
                            "extra_info": {"input_name": name, "input_config": input_config, "received_value": value}})
             continue
+        if name == node_class.file_input:
+            if not exists(value):
+                errors.append({"type": "custom_validation_failed", "message": "Custom validation failed for node",
+                               "details": f"{name} - Invalid image file: {value}", "extra_info": {"input_name": name}})
+            continue
         if isinstance(input_type, list) and value not in input_type:
             short = len(input_type) <= 20
             listed = input_type if short else f"(list of length {len(input_type)})"
@@ -485,7 +528,8 @@ def _validate_inputs(prompt: dict, node_id: str, validated: dict) -> tuple:
     return result
 
 
-def validate_prompt(prompt: Any, partial_targets: Any) -> tuple[list[str], dict]:
+def validate_prompt(prompt: Any, partial_targets: Any,
+                    exists: Callable[[str], bool] = lambda name: False) -> tuple[list[str], dict]:
     """ComfyUI's validate_prompt: (outputs to execute, node_errors of skipped outputs), or
     raises PromptError (400). Other exceptions mean a malformed body (500)."""
     if not isinstance(prompt, dict):
@@ -519,7 +563,7 @@ def validate_prompt(prompt: Any, partial_targets: Any) -> tuple[list[str], dict]
     validated: dict = {}
     for output in set_order(outputs):
         try:
-            valid, reasons, _ = _validate_inputs(prompt, output, validated)
+            valid, reasons, _ = _validate_inputs(prompt, output, validated, exists)
         except Exception as ex:  # noqa: BLE001 - reported in the response, like ComfyUI
             valid, reasons = False, [{"type": "exception_during_validation",
                                       "message": "Exception when validating node", "details": str(ex),
@@ -744,6 +788,8 @@ class ComfySimulator:
         self._live: set[SimSocket] = set()  # every open WebSocket, registered or evicted
         # files outlive a restart, except temp/ (ComfyUI wipes it at start)
         self._files: dict[tuple[str, str, str], bytes] = {}  # (type, subfolder, filename) -> PNG
+        self._pixels: dict[tuple[str, str, str], tuple] = {}  # ... -> (height, width, channels, pixel)
+        self.add_file("input", "", "example.png", 8, 8, (f32(0.5), f32(0.25), f32(0.75)))
         self.generation = 0
         self._reset_process()
 
@@ -767,6 +813,16 @@ class ComfySimulator:
         self._idle = asyncio.Event()
         self._idle.set()
         self._files = {k: v for k, v in self._files.items() if k[0] != "temp"}
+        self._pixels = {k: v for k, v in self._pixels.items() if k[0] != "temp"}
+
+    def add_file(self, kind: str, subfolder: str, filename: str, height: int, width: int, pixel: tuple) -> None:
+        """Put an image in one of the folders (an upload, a file the operator placed)."""
+        self._files[(kind, subfolder, filename)] = uniform_png(width, height, pixel, 1)
+        self._pixels[(kind, subfolder, filename)] = (height, width, len(pixel), pixel)
+
+    def file_exists(self, name: str) -> bool:
+        where = resolve_annotated(name) if isinstance(name, str) else None
+        return where is not None and where in self._files
 
     # --- public properties ----------------------------------------------------------------
     @property
@@ -1256,6 +1312,17 @@ class ComfySimulator:
         if class_type in ("SaveImage", "PreviewImage"):
             return [], {"images": self._save_images(item, node_id, class_type, image("images"),
                                                      inputs.get("filename_prefix", "ComfyUI"))}
+        if class_type in ("LoadImage", "LoadImageOutput", "LoadImageMask"):
+            height, width, channels, pixel = self._pixels[resolve_annotated(inputs["image"])]
+            alpha = f32(1.0 - pixel[3]) if pixel is not None and channels == 4 else f32(0.0)
+            if class_type == "LoadImageMask":  # converted to RGBA first: every channel exists
+                band = "rgba".index(inputs["channel"][0])
+                value = alpha if band == 3 else (pixel[band] if pixel is not None else f32(0.5))
+                return [Mask(height, width, [value])], None
+            rgb = pixel[:3] if pixel is not None else None
+            # no alpha channel: ComfyUI's mask is a 64x64 of zeros
+            return [Image(height, width, 3, [rgb]), Mask(height, width, [alpha]) if channels == 4
+                    else Mask(64, 64, [f32(0.0)])], None
         if class_type == "SaveImageWebsocket":
             await self._save_image_websocket(item, node_id, image("images"), progress)
             return [], None
@@ -1288,6 +1355,7 @@ class ComfySimulator:
         for index in range(src.batch):
             filename = f"{name}_{counter:05}_.png"
             self._files[(kind, subfolder, filename)] = self._png(src, index, level, text)
+            self._pixels[(kind, subfolder, filename)] = (src.height, src.width, src.channels, src.pixels[index])
             images.append({"filename": filename, "subfolder": subfolder, "type": kind})
             counter += 1
         return images
@@ -1329,7 +1397,7 @@ class ComfySimulator:
         partial = body["partial_execution_targets"] if "partial_execution_targets" in body else None
         error = None
         try:
-            outputs, node_errors = validate_prompt(prompt, partial)
+            outputs, node_errors = validate_prompt(prompt, partial, self.file_exists)
         except PromptError as e:
             error = e
         extra_data = body["extra_data"] if "extra_data" in body else {}
