@@ -15,7 +15,22 @@ from tornado.ioloop import PeriodicCallback
 
 from . import __version__
 from .api.demo import DemoHandler, DemoWorkflowHandler
-from .api.ops import HealthHandler, LiveHandler, MetricsHandler, PrometheusHandler, ReadyHandler, snapshot
+from .api.jobs import (
+    GenerateHandler,
+    JobCancelHandler,
+    JobHandler,
+    JobImageHandler,
+    JobsHandler,
+    JobViews,
+)
+from .api.ops import (
+    HealthHandler,
+    LiveHandler,
+    MetricsHandler,
+    PrometheusHandler,
+    ReadyHandler,
+    snapshot,
+)
 from .api.outputs import DownloadSlots, OutputsHandler
 from .auth import build_verifier
 from .backends.backend import Backend
@@ -103,6 +118,7 @@ class ProxyState:
         self.service = JobService(self.tracker, self.queue, self.reconciler, self.pool, self.links, self.metrics,
                                   settings, clock, self.isolation)
         self.downloads = DownloadSlots(settings.max_downloads_per_user)
+        self.idempotency_in_flight: set[tuple[str, str]] = set()  # (owner, key) being accepted now
         # the WebSocket face
         self.registry = SessionRegistry(settings, self.service, self.metrics, clock)
         # A link is kept while its user has a socket open or a job not yet finished.
@@ -195,6 +211,8 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
 def routes(state: ProxyState, prefix: str = "") -> list:
     prefix = prefix.rstrip("/")
     kw = state.handler_kwargs()
+    jobs_kw = {**state.user_kwargs(), "service": state.service, "settings": state.settings,
+               "views": JobViews(state.service, state.settings, prefix)}
     return [
         (prefix + r"/ws", ClientConnection, state.ws_kwargs()),
         (prefix + r"/health", HealthHandler, kw),
@@ -202,6 +220,13 @@ def routes(state: ProxyState, prefix: str = "") -> list:
         (prefix + r"/ready", ReadyHandler, kw),
         (prefix + r"/metrics", MetricsHandler, kw),
         (prefix + r"/metrics/prometheus", PrometheusHandler, kw),
+        (prefix + r"/generate", GenerateHandler, {**jobs_kw, "in_flight": state.idempotency_in_flight}),
+        (prefix + r"/jobs/?", JobsHandler, {**jobs_kw, "in_flight": state.idempotency_in_flight}),
+        (prefix + r"/jobs?/([0-9a-f-]{36})", JobHandler, jobs_kw),
+        (prefix + r"/jobs?/([0-9a-f-]{36})/cancel", JobCancelHandler, jobs_kw),
+        (prefix + r"/jobs?/([0-9a-f-]{36})/(?:image|outputs)/([^/]{1,64})/([0-9]{1,6})", JobImageHandler,
+         {**state.user_kwargs(), "service": state.service, "pool": state.pool, "isolation": state.isolation,
+          "downloads": state.downloads, "stall_timeout": state.settings.download_stall_timeout_s}),
         (prefix + r"/outputs/([0-9a-f-]{36})(?:/(view))?", OutputsHandler,
          {**state.user_kwargs(), "service": state.service, "pool": state.pool, "isolation": state.isolation,
           "downloads": state.downloads, "stall_timeout": state.settings.download_stall_timeout_s}),

@@ -66,6 +66,9 @@ class Job:
     final_seen: bool = field(default=False, compare=False)  # a live final arrived while gap was set
     interrupt_sent: bool = field(default=False, compare=False)  # the time limit's interrupt went out
     withdrawn: bool = field(default=False, compare=False)  # cancelled, then seen in ComfyUI: taken out
+    answer: Any = field(default=None, compare=False)  # an Idempotency-Key's answer, stored with the job
+    current: tuple | None = field(default=None, compare=False)  # running: (node, step, steps)
+    nodes_done: set = field(default_factory=set, compare=False)  # executed or cached nodes
 
     @property
     def finished(self) -> bool:
@@ -89,6 +92,17 @@ class SubmitRequest:
     def payload(self) -> dict:
         return {"prompt": self.prompt, "extra_data": self.extra_data,
                 "partial_execution_targets": self.partial_execution_targets, "front": self.front}
+
+
+@dataclass(frozen=True)
+class IdempotentAnswer:
+    """The answer recorded for one (owner, Idempotency-Key): replayed for the same request."""
+    owner: str
+    key: str
+    fingerprint: str  # of the request it answered
+    status: int
+    body: str
+    expires_at: float  # wall clock
 
 
 class ErrorCode:

@@ -10,7 +10,6 @@ import sys
 import uuid
 
 import pytest
-
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
 

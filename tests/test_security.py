@@ -3,11 +3,11 @@ consumers, cross-user isolation at scale, and a fuzz test of the client socket."
 import asyncio
 import base64
 import json
-from urllib.parse import urlencode
 import os
 import socket
 import struct
 import uuid
+from urllib.parse import urlencode
 
 import pytest
 from hypothesis import HealthCheck, given, settings

@@ -13,7 +13,12 @@ from ..model import RequestError
 from .base import UserHandler
 
 # ComfyUI's headers of a file that are passed on; the rest (its server, its CORS) are not ours.
-PASSED_HEADERS = ("Content-Type", "Content-Length", "Content-Disposition")
+PASSED_HEADERS = ("Content-Type", "Content-Length", "Content-Disposition", "ETag", "Last-Modified", "Accept-Ranges",
+                  "Content-Range")
+# The client's headers passed to ComfyUI: its aiohttp does ranges and revalidation itself.
+ASKED_HEADERS = ("Range", "If-Range", "If-None-Match", "If-Modified-Since")
+# What is answered as ComfyUI answered it; anything else is "not available".
+PASSED_STATUSES = (200, 206, 304, 416)
 
 
 def listed_files(outputs: dict) -> list[dict]:
@@ -26,6 +31,28 @@ def listed_files(outputs: dict) -> list[dict]:
                     files.append({"node": node_id, "kind": kind, "filename": item["filename"],
                                   "subfolder": item.get("subfolder", ""), "type": item.get("type", "output")})
     return files
+
+
+async def job_files(job, pool: BackendPool, isolation: UserIsolation | None):
+    """The backend that ran the job and the files of its outputs the owner may have: those
+    heard (kept with the job) and those in ComfyUI's history of it (cached nodes' outputs
+    are only there). Raises ComfyUnavailable when nothing is known without ComfyUI."""
+    backend = pool.get(job.backend)
+    outputs = dict(job.outputs)
+    if backend is not None:
+        try:
+            history = await backend.history(job.job_id)
+            outputs.update((history.get(job.job_id) or {}).get("outputs") or {})
+        except (ComfyUnavailable, ComfyRejected):
+            if not outputs:
+                raise ComfyUnavailable("history") from None
+
+    def mine(file: dict) -> bool:
+        if isolation is None or file["type"] == "temp":
+            return True  # temp files are listed only for the job that wrote them
+        return isolation.owns(job.owner, file["subfolder"])
+
+    return backend, [f for f in listed_files(outputs) if mine(f)]
 
 
 class DownloadSlots:
@@ -50,76 +77,39 @@ class DownloadSlots:
             del self.active[owner]
 
 
-class OutputsHandler(UserHandler):
-    """GET /outputs/{prompt_id}: the caller's own job's output files;
-    GET /outputs/{prompt_id}/view?filename=&subfolder=&type=: one of those files, streamed
-    from the backend that ran the job.
+class FileDownload(UserHandler):
+    """Streams one file from a backend to the client: at most MAX_DOWNLOADS_PER_USER at once
+    per user, one chunk in memory each, ended when the client stops reading."""
 
-    ComfyUI's /view has no ownership check and predictable names (PROTOCOL.md 5): the proxy
-    serves only files listed in the outputs of a job the caller owns: those it heard (kept
-    with the job) and those in ComfyUI's history of it (cached nodes' outputs are only there);
-    with ISOLATE_USERS, an output or input file only from the caller's own folder.
-    """
-
-    def initialize(self, verifier, metrics, service: JobService, pool: BackendPool,
-                   isolation: UserIsolation | None, downloads: DownloadSlots, stall_timeout: float):
+    def initialize(self, verifier, metrics, downloads: DownloadSlots, stall_timeout: float, **kwargs):
         super().initialize(verifier, metrics)
-        self.service = service
-        self.pool = pool
-        self.isolation = isolation
         self.downloads = downloads
         self.stall_timeout = stall_timeout
 
-    def _mine(self, file: dict) -> bool:
-        if self.isolation is None or file["type"] == "temp":
-            return True  # temp files are listed only for the job that wrote them
-        return self.isolation.owns(self.identity.user_id, file["subfolder"])
-
-    async def _owned_outputs(self, prompt_id: str):
-        try:
-            job = self.service.get(self.identity.user_id, prompt_id)
-        except RequestError:
-            self.write_json_error(404, "not_found", "No such prompt")
-            return None, None
-        backend = self.pool.get(job.backend)
-        outputs = dict(job.outputs)
-        if backend is not None:
-            try:
-                history = await backend.history(prompt_id)
-                outputs.update((history.get(prompt_id) or {}).get("outputs") or {})
-            except (ComfyUnavailable, ComfyRejected):
-                if not outputs:
-                    self.write_json_error(503, "comfy_unavailable", "ComfyUI is temporarily unavailable")
-                    return None, None
-        return backend, [f for f in listed_files(outputs) if self._mine(f)]
-
-    async def get(self, prompt_id: str, view: str | None = None):
-        backend, files = await self._owned_outputs(prompt_id)
-        if files is None:
-            return
-        if not view:
-            return self.write_json({"prompt_id": prompt_id, "files": files})
-        wanted = (self.get_query_argument("filename", ""), self.get_query_argument("subfolder", ""),
-                  self.get_query_argument("type", "output"))
-        if backend is None or wanted not in {(f["filename"], f["subfolder"], f["type"]) for f in files}:
-            return self.write_json_error(404, "not_found", "No such output")
+    async def download(self, backend, filename: str, subfolder: str, kind: str) -> None:
         owner = self.identity.user_id
         if not self.downloads.take(owner):
             self.set_header("Retry-After", "1")
             return self.write_json_error(429, "too_many_downloads",
                                          f"At most {self.downloads.per_user} downloads at once per user")
         try:
-            await self._stream(backend, wanted)
+            await self._stream(backend, filename, subfolder, kind)
         finally:
             self.downloads.give_back(owner)
 
-    async def _stream(self, backend, wanted) -> None:
-        self.clear_header("Content-Type")
-        self.set_header("X-Content-Type-Options", "nosniff")  # before the first chunk flushes the headers
+    async def _stream(self, backend, filename: str, subfolder: str, kind: str) -> None:
         started = False
         cut = False
+        status_seen = 0
 
-        def on_headers(headers) -> None:
+        def on_headers(status: int, headers) -> None:
+            nonlocal status_seen
+            status_seen = status
+            if status not in PASSED_STATUSES:
+                return
+            self.clear_header("Content-Type")
+            self.set_header("X-Content-Type-Options", "nosniff")  # before the first chunk flushes the headers
+            self.set_status(status)
             for name in PASSED_HEADERS:
                 if name in headers:
                     self.set_header(name, headers[name])
@@ -137,15 +127,64 @@ class OutputsHandler(UserHandler):
                 cut = True
                 return False
 
-        status, complete = await backend.stream_view(*wanted, on_headers=on_headers, on_chunk=on_chunk)
-        if not started:
+        asked = {name: self.request.headers[name] for name in ASKED_HEADERS if name in self.request.headers}
+        status, complete = await backend.stream_view(filename, subfolder, kind, asked, on_headers, on_chunk)
+        if not started and status not in PASSED_STATUSES:
+            self.set_status(200)
+            self.set_header("Content-Type", "application/json")
             for name in PASSED_HEADERS:
                 self.clear_header(name)
             if status == 0:
                 return self.write_json_error(503, "comfy_unavailable", "ComfyUI is temporarily unavailable")
-            if status != 200:
-                return self.write_json_error(404, "not_found", "Output not available")
+            return self.write_json_error(404, "not_found", "Output not available")
         if cut or not complete:
             self.request.connection.close()  # a body cut short must not look complete
             return
+        if status in (304, 416):
+            self.clear_header("Content-Length")
         self.finish()
+
+
+class OutputsHandler(FileDownload):
+    """GET /outputs/{prompt_id}: the caller's own job's output files;
+    GET /outputs/{prompt_id}/view?filename=&subfolder=&type=: one of those files, streamed
+    from the backend that ran the job.
+
+    ComfyUI's /view has no ownership check and predictable names (PROTOCOL.md 5): the proxy
+    serves only files listed in the outputs of a job the caller owns: those it heard (kept
+    with the job) and those in ComfyUI's history of it (cached nodes' outputs are only there);
+    with ISOLATE_USERS, an output or input file only from the caller's own folder.
+    """
+
+    def initialize(self, verifier, metrics, service: JobService, pool: BackendPool,
+                   isolation: UserIsolation | None, downloads: DownloadSlots, stall_timeout: float):
+        super().initialize(verifier, metrics, downloads, stall_timeout)
+        self.service = service
+        self.pool = pool
+        self.isolation = isolation
+
+    async def _owned_outputs(self, prompt_id: str):
+        try:
+            job = self.service.get(self.identity.user_id, prompt_id)
+        except RequestError:
+            self.write_json_error(404, "not_found", "No such prompt")
+            return None, None
+        try:
+            backend, files = await job_files(job, self.pool, self.isolation)
+        except ComfyUnavailable:
+            self.write_json_error(503, "comfy_unavailable", "ComfyUI is temporarily unavailable")
+            return None, None
+        return backend, files
+
+    async def get(self, prompt_id: str, view: str | None = None):
+        backend, files = await self._owned_outputs(prompt_id)
+        if files is None:
+            return
+        if not view:
+            return self.write_json({"prompt_id": prompt_id, "files": files})
+        wanted = (self.get_query_argument("filename", ""), self.get_query_argument("subfolder", ""),
+                  self.get_query_argument("type", "output"))
+        if backend is None or wanted not in {(f["filename"], f["subfolder"], f["type"]) for f in files}:
+            return self.write_json_error(404, "not_found", "No such output")
+        await self.download(backend, *wanted)
+

@@ -17,7 +17,12 @@ from urllib.parse import quote, urlencode, urlsplit
 
 from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
-from tornado.httputil import HTTPHeaders, HTTPInputError, HTTPMessageDelegate, RequestStartLine
+from tornado.httputil import (
+    HTTPHeaders,
+    HTTPInputError,
+    HTTPMessageDelegate,
+    RequestStartLine,
+)
 from tornado.ioloop import PeriodicCallback
 from tornado.iostream import StreamClosedError
 from tornado.tcpclient import TCPClient
@@ -44,11 +49,10 @@ class _ViewReader(HTTPMessageDelegate):
 
     def headers_received(self, start_line, headers) -> None:
         self.code = start_line.code
-        if self.code == 200:
-            self.on_headers(headers)
+        self.on_headers(self.code, headers)
 
     def data_received(self, chunk: bytes):
-        if self.code == 200:
+        if self.code in (200, 206):
             return self._forward(chunk)
         return None
 
@@ -229,16 +233,18 @@ class Backend:
     async def delete_queued(self, prompt_id: str) -> None:
         await self.call("POST", "/queue", {"delete": [prompt_id]})
 
-    async def stream_view(self, filename: str, subfolder: str, kind: str,
-                          on_headers: Callable[[HTTPHeaders], None],
+    async def stream_view(self, filename: str, subfolder: str, kind: str, request_headers: dict,
+                          on_headers: Callable[[int, HTTPHeaders], None],
                           on_chunk: Callable[[bytes], Awaitable[bool]]) -> tuple[int, bool]:
         """GET /view of one output file; returns ComfyUI's status (0: not reached) and
-        whether the whole body came.
+        whether the whole body came. ``request_headers`` are the client's conditional and
+        range headers (ComfyUI's aiohttp answers 206, 304 and 416 itself).
 
-        On a 200, ``on_headers`` gets the headers and ``on_chunk`` each piece of the body; the
-        next piece is read only once the awaitable it returns is done, so a client that reads
-        slowly slows the download instead of filling the proxy's memory (AsyncHTTPClient's
-        streaming_callback cannot wait). ``on_chunk`` answering False ends the download.
+        ``on_headers`` gets the status and headers, ``on_chunk`` each piece of a 200 or 206
+        body; the next piece is read only once the awaitable it returns is done, so a client
+        that reads slowly slows the download instead of filling the proxy's memory
+        (AsyncHTTPClient's streaming_callback cannot wait). ``on_chunk`` answering False ends
+        the download.
         """
         parts = urlsplit(self.base_url)
         tls = parts.scheme == "https"
@@ -256,7 +262,7 @@ class Backend:
             no_keep_alive=True, header_timeout=self.request_timeout, max_body_size=MAX_VIEW_BYTES))
         try:
             connection.write_headers(RequestStartLine("GET", path, "HTTP/1.1"),
-                                     HTTPHeaders({"Host": parts.netloc, "Connection": "close"}))
+                                     HTTPHeaders({**request_headers, "Host": parts.netloc, "Connection": "close"}))
             connection.finish()
             await connection.read_response(reader)
         except (OSError, TimeoutError, StreamClosedError, HTTPInputError):

@@ -9,7 +9,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from ..model import ErrorCode, RequestError, SubmitRequest, is_canonical_uuid
+from ..jobs.submission import parse_submit
+from ..model import ErrorCode, RequestError, SubmitRequest
 
 SUBPROTOCOL = "comfy-ws-proxy.v1"
 
@@ -47,7 +48,6 @@ class Ping:
 
 
 MAX_SEQ = 2 ** 53  # JSON-safe integer bound
-MAX_TIMEOUT_S = 7 * 24 * 3600  # a job's own time limit: a week at most
 
 
 def _reject_constants(name: str) -> Any:
@@ -78,7 +78,7 @@ def parse_client_message(text: str | bytes, *, max_prompt_nodes: int,
     if not isinstance(data, dict):
         raise RequestError(ErrorCode.INVALID_MESSAGE, f"'{kind}' needs an object 'data'")
     if kind == "submit_prompt":
-        return _parse_submit(data, max_prompt_nodes, node_allowlist)
+        return parse_submit(data, max_prompt_nodes, node_allowlist)
     if kind == "cancel":
         prompt_id = data.get("prompt_id")
         if not isinstance(prompt_id, str) or not prompt_id:
@@ -93,43 +93,6 @@ def parse_client_message(text: str | bytes, *, max_prompt_nodes: int,
             raise RequestError(ErrorCode.INVALID_MESSAGE, "resume needs an integer 'last_seq' >= 0")
         return Resume(session_id, last_seq)
     raise RequestError(ErrorCode.INVALID_MESSAGE, f"Unknown message type {kind[:64]!r}")
-
-
-def _parse_submit(data: dict, max_prompt_nodes: int, node_allowlist: tuple[str, ...]) -> SubmitRequest:
-    prompt = data.get("prompt")
-    if not isinstance(prompt, dict) or not prompt:
-        raise RequestError(ErrorCode.INVALID_MESSAGE, "submit_prompt needs a non-empty object 'prompt'")
-    if len(prompt) > max_prompt_nodes:
-        raise RequestError(ErrorCode.INVALID_PROMPT,
-                            f"Prompt has {len(prompt)} nodes; the limit is {max_prompt_nodes}",
-                            details={"limit": max_prompt_nodes, "nodes": len(prompt)})
-    for node_id, node in prompt.items():
-        if not isinstance(node, dict):
-            raise RequestError(ErrorCode.INVALID_PROMPT, f"Node {node_id[:64]!r} must be an object")
-        if node_allowlist:
-            class_type = node.get("class_type")
-            if class_type not in node_allowlist:
-                raise RequestError(ErrorCode.INVALID_PROMPT,
-                                    f"Node type {str(class_type)[:64]!r} is not allowed here",
-                                    details={"node_id": node_id[:64]})
-    prompt_id = data.get("prompt_id")
-    if prompt_id is not None and not is_canonical_uuid(prompt_id):
-        raise RequestError(ErrorCode.INVALID_MESSAGE, "prompt_id must be a lowercase hyphenated UUID")
-    extra_data = data.get("extra_data")
-    if extra_data is not None and not isinstance(extra_data, dict):
-        raise RequestError(ErrorCode.INVALID_MESSAGE, "extra_data must be an object")
-    targets = data.get("partial_execution_targets")
-    if targets is not None and (not isinstance(targets, list) or not all(isinstance(t, str) for t in targets)):
-        raise RequestError(ErrorCode.INVALID_MESSAGE, "partial_execution_targets must be a list of node ids")
-    front = data.get("front", False)
-    if not isinstance(front, bool):
-        raise RequestError(ErrorCode.INVALID_MESSAGE, "front must be true or false")
-    timeout_s = data.get("timeout_s")
-    if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
-                                  or not 0 < timeout_s <= MAX_TIMEOUT_S):
-        raise RequestError(ErrorCode.INVALID_MESSAGE, f"timeout_s must be a number of seconds in (0, {MAX_TIMEOUT_S}]")
-    return SubmitRequest(prompt, prompt_id, extra_data, targets, front,
-                         float(timeout_s) if timeout_s is not None else None)
 
 
 # --- outgoing --------------------------------------------------------------------------------

@@ -80,6 +80,13 @@ class FairQueue:
     def size(self, owner: str) -> int:
         return len(self._owners.get(owner, ()))
 
+    def position(self, owner: str, job_id: str) -> int | None:
+        """The job's place in its owner's FIFO (0: next of that owner)."""
+        for index, queued in enumerate(self._owners.get(owner, ())):
+            if queued == job_id:
+                return index
+        return None
+
     def sizes(self) -> dict[str, int]:
         return {owner: len(jobs) for owner, jobs in self._owners.items()}
 

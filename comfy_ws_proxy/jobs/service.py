@@ -19,7 +19,15 @@ from ..backends.breaker import BreakerState
 from ..backends.links import LinkManager
 from ..backends.pool import BackendPool
 from ..metrics import Metrics
-from ..model import ErrorCode, Job, JobState, RequestError, SubmitRequest
+from ..model import (
+    ErrorCode,
+    IdempotentAnswer,
+    Job,
+    JobState,
+    RequestError,
+    SubmitRequest,
+)
+from ..store import StoreError
 from .isolation import UserIsolation
 from .queue import JobQueue
 from .reconcile import Reconciler, locate
@@ -69,6 +77,7 @@ class JobService:
         self.clock = clock
         self.buckets: dict[str, TokenBucket] = {}
         self._settled_waiters: list[asyncio.Future] = []
+        self._finish_waiters: dict[str, list[asyncio.Future]] = {}
         self._cleanup_timer = PeriodicCallback(self.cleanup, settings.cleanup_interval_ms)
         self.ready_timeout = settings.comfy_connect_timeout_ms / 1000
         tracker.listeners.append(self._job_changed)
@@ -92,8 +101,10 @@ class JobService:
         self.queue.stop()
 
     # --- submit / cancel / get ------------------------------------------------------------------
-    async def submit(self, owner: str, request: SubmitRequest) -> Job:
-        """Record a new job for ``owner`` and send it on (or queue it). Raises RequestError."""
+    async def submit(self, owner: str, request: SubmitRequest,
+                     answer_for: Callable[[Job], IdempotentAnswer] | None = None) -> Job:
+        """Record a new job for ``owner`` and send it on (or queue it). Raises RequestError.
+        ``answer_for(job)`` gives an Idempotency-Key's answer, recorded with the job."""
         now = self.clock()
         bucket = self.buckets.get(owner)
         if bucket is None:
@@ -123,8 +134,71 @@ class JobService:
         job = Job(job_id, owner, JobState.QUEUED, request.payload(), created_at=self.tracker.wall(),
                   updated_at=self.tracker.wall(), timeout_s=self._time_limit(request))
         job.last_heard = now
+        if answer_for is not None:
+            job.answer = answer_for(job)
         await self.queue.submit(job)
         return job
+
+    # --- the HTTP face's questions ---------------------------------------------------------------
+    async def wait_finished(self, job: Job, timeout: float) -> None:
+        """Return when the job has finished or ``timeout`` seconds have passed, whichever is
+        first. A waiter costs one future, whatever the number of waiters."""
+        if job.finished or timeout <= 0:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._finish_waiters.setdefault(job.job_id, []).append(waiter)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            waiters = self._finish_waiters.get(job.job_id)
+            if waiters is not None and waiter in waiters:
+                waiters.remove(waiter)
+                if not waiters:
+                    del self._finish_waiters[job.job_id]
+
+    def queue_position(self, job: Job) -> int | None:
+        """How many jobs are expected to start before this one (0: it is next), or None once
+        it runs or ended. An estimate: what ComfyUI holds goes first, then the fair queue's
+        rounds (one job per owner per round, owners in the order they are served)."""
+        if job.state in (JobState.PENDING, JobState.SUBMITTING):
+            return sum(1 for j in self.tracker.in_comfy(backend=job.backend)
+                       if j is not job and j.state != JobState.RUNNING
+                       and j.number is not None and job.number is not None and j.number < job.number)
+        if job.state != JobState.QUEUED:
+            return None
+        fair = self.queue.fair
+        mine = fair.position(job.owner, job.job_id)
+        if mine is None:
+            return None
+        ahead = sum(1 for j in self.tracker.unfinished() if j.state in (JobState.SUBMITTING, JobState.PENDING))
+        before_me = True
+        for owner in fair.owners():
+            if owner == job.owner:
+                before_me = False
+                ahead += mine
+                continue
+            size = fair.size(owner)
+            ahead += min(size, mine) + (1 if before_me and size > mine else 0)
+        return ahead
+
+    def jobs_of(self, owner: str, states: set[str] | None = None) -> list[Job]:
+        """The owner's jobs the proxy remembers, newest first."""
+        jobs = [j for j in self.tracker.jobs_of(owner) if states is None or j.state in states]
+        return sorted(jobs, key=lambda j: j.order, reverse=True)
+
+    def recall(self, owner: str, key: str) -> IdempotentAnswer | None:
+        try:
+            return self.tracker.store.recall(owner, key, self.tracker.wall())
+        except StoreError:
+            raise RequestError(ErrorCode.STORE_UNAVAILABLE) from None
+
+    def remember(self, answer: IdempotentAnswer) -> None:
+        try:
+            self.tracker.store.remember(answer)
+        except StoreError as e:
+            log.error("store write failed, an idempotent answer was not recorded: %s", e)
 
     def _time_limit(self, request: SubmitRequest) -> float:
         """The job's execution time limit: the request's, never above the option's (0: none)."""
@@ -196,6 +270,9 @@ class JobService:
 
     def _job_changed(self, job: Job, old: str) -> None:
         if job.finished and old in JobState.UNFINISHED:
+            for waiter in self._finish_waiters.pop(job.job_id, ()):
+                if not waiter.done():
+                    waiter.set_result(None)
             self.links.release_idle_soon(job.owner)
             self.queue.kick()  # it may have freed a place on its backend
         self._changed()
@@ -257,6 +334,10 @@ class JobService:
         forgotten = self.tracker.forget_finished(self.tracker.wall() - self.settings.finished_prompt_retention_s)
         if forgotten:
             log.info("cleanup forgot %d finished prompts", forgotten)
+        try:
+            self.tracker.store.forget_answers(self.tracker.wall())
+        except StoreError as e:
+            log.warning("cleanup could not drop expired idempotency keys: %s", e)
         now = self.clock()
         for owner in [o for o, b in self.buckets.items() if b.full(now)]:
             del self.buckets[owner]

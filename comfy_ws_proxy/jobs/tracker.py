@@ -142,13 +142,14 @@ class JobTracker:
         if job.job_id in self.jobs:
             raise KeyError(job.job_id)
         try:
-            self.store.insert(job)
+            self.store.insert(job, job.answer)
         except StoreError as e:
             # Not recorded, so not accepted: nothing of it is kept (no record in memory that
             # the store does not have, none counting against the owner's queue).
             self.store_failing = True
             log.error("store write failed, prompt refused user=%s prompt=%s: %s", job.owner, job.job_id, e)
             raise self._unavailable(job.job_id) from None
+        job.answer = None
         self.store_failing = False
         self._index(job)
         self._changed(job, "")
@@ -299,9 +300,20 @@ class JobTracker:
         elif kind == "executed":
             output = routed.data.get("output")
             node = routed.data.get("node")
+            if isinstance(node, str):
+                job.nodes_done.add(node)
             if output is not None and isinstance(node, str):
                 job.outputs[node] = output
                 self.save(job)
+        elif kind == "progress":
+            data = routed.data  # a tuple: this is the relay's most frequent event
+            job.current = (data.get("node"), data.get("value"), data.get("max"))
+        elif kind == "execution_cached":
+            nodes = routed.data.get("nodes")
+            if isinstance(nodes, list):
+                job.nodes_done.update(n for n in nodes if isinstance(n, str))
+        elif kind == "executing" and isinstance(routed.data.get("node"), str):
+            job.current = (routed.data["node"], None, None)
         elif kind == "executing" and routed.data.get("node", "") is None:
             # ComfyUI's end marker for a job whose final event we never heard (it went to a
             # socket that was down): its history is written by now; read the outcome there.

@@ -1,7 +1,7 @@
 """The store: what must outlive the process. ``JobStore`` is the interface the domain
 uses; ``SqliteJobStore`` (sqlite.py) the embedded default. A shared database implements
 the same interface without touching jobs/."""
-from .base import JobStore, StoreError
+from .base import IdempotentAnswer, JobStore, StoreError
 from .sqlite import SqliteJobStore, StoreInUse
 
 
@@ -9,4 +9,4 @@ def open_store(path: str) -> JobStore:
     return SqliteJobStore(path)
 
 
-__all__ = ["JobStore", "SqliteJobStore", "StoreError", "StoreInUse", "open_store"]
+__all__ = ["IdempotentAnswer", "JobStore", "SqliteJobStore", "StoreError", "StoreInUse", "open_store"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Iterable, Protocol
 
-from ..model import Job
+from ..model import IdempotentAnswer, Job
 
 
 class StoreError(Exception):
@@ -18,8 +18,18 @@ class JobStore(Protocol):
     def load_jobs(self) -> list[Job]:
         """Every job, oldest first."""
 
-    def insert(self, job: Job) -> None:
-        """A new job; its ``order`` is assigned here (monotonic per store)."""
+    def insert(self, job: Job, answer: IdempotentAnswer | None = None) -> None:
+        """A new job; its ``order`` is assigned here (monotonic per store). With ``answer``,
+        the answer naming it is recorded in the same transaction."""
+
+    def remember(self, answer: IdempotentAnswer) -> None:
+        """Record an answer without a job (a refusal that is final)."""
+
+    def recall(self, owner: str, key: str, now: float) -> IdempotentAnswer | None:
+        """The unexpired answer recorded for this owner's key."""
+
+    def forget_answers(self, now: float) -> None:
+        """Drop the expired answers."""
 
     def save(self, job: Job) -> None:
         """Write the job's durable fields."""

@@ -16,7 +16,7 @@ import uuid
 from typing import Iterable
 
 from ..model import Job
-from .base import StoreError
+from .base import IdempotentAnswer, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,15 @@ CREATE TABLE IF NOT EXISTS prompts (
 CREATE INDEX IF NOT EXISTS prompts_unfinished ON prompts(state, ord);
 CREATE TABLE IF NOT EXISTS forgotten_ids (
     prompt_id TEXT PRIMARY KEY
+);
+CREATE TABLE IF NOT EXISTS idempotency (
+    user_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (user_id, key)
 );
 CREATE TABLE IF NOT EXISTS secrets (
     name TEXT PRIMARY KEY,
@@ -122,11 +131,42 @@ class SqliteJobStore:
                             json.loads(result) if result else None, bool(told)))
         return jobs
 
-    def insert(self, job: Job) -> None:
+    def insert(self, job: Job, answer: "IdempotentAnswer | None" = None) -> None:
         order = self._next_order
         job.order = order
-        self.save(job)
+        if answer is None:
+            self.save(job)
+        else:  # the job and the answer that named it, in one transaction: both or neither
+            try:
+                with self.db:
+                    self.db.execute("BEGIN")
+                    self.save(job)
+                    self.remember(answer)
+            except sqlite3.Error as e:
+                raise StoreError(str(e)) from None
         self._next_order = order + 1  # (only once the row is there)
+
+    def remember(self, answer: IdempotentAnswer) -> None:
+        try:
+            self.db.execute("INSERT OR REPLACE INTO idempotency (user_id, key, fingerprint, status, body, expires_at) "
+                            "VALUES (?, ?, ?, ?, ?, ?)", (answer.owner, answer.key, answer.fingerprint, answer.status,
+                                                          answer.body, answer.expires_at))
+        except sqlite3.Error as e:
+            raise StoreError(str(e)) from None
+
+    def recall(self, owner: str, key: str, now: float) -> IdempotentAnswer | None:
+        try:
+            row = self.db.execute("SELECT fingerprint, status, body, expires_at FROM idempotency "
+                                  "WHERE user_id = ? AND key = ? AND expires_at > ?", (owner, key, now)).fetchone()
+        except sqlite3.Error as e:
+            raise StoreError(str(e)) from None
+        return IdempotentAnswer(owner, key, *row) if row else None
+
+    def forget_answers(self, now: float) -> None:
+        try:
+            self.db.execute("DELETE FROM idempotency WHERE expires_at <= ?", (now,))
+        except sqlite3.Error as e:
+            raise StoreError(str(e)) from None
 
     def save(self, j: Job) -> None:
         try:

@@ -1683,8 +1683,32 @@ class ViewHandler(SimHandler):
         data = self.sim._files.get((kind, subfolder.strip("/"), filename))
         if data is None:
             return self.empty(404)
-        self.set_header("Content-Type", "image/png")
+        # aiohttp's FileResponse, as a real 0.3.64 answers: an ETag and Last-Modified, 304 for
+        # a matching If-None-Match, one byte range as 206 (416 outside the file).
         self.set_header("Content-Disposition", f'filename="{filename}"')
+        self.set_header("Content-Type", "image/png")
+        etag = '"%s-%x"' % (hashlib.sha256(data).hexdigest()[:16], len(data))
+        self.set_header("Etag", etag)
+        self.set_header("Last-Modified", "Tue, 01 Dec 2026 11:28:04 GMT")
+        self.set_header("Accept-Ranges", "bytes")
+        if self.request.headers.get("If-None-Match") == etag:
+            self.set_status(304)
+            return self.finish()
+        asked = self.request.headers.get("Range", "")
+        if asked.startswith("bytes=") and "," not in asked:
+            first, _, last = asked[6:].partition("-")
+            try:
+                start = int(first) if first else max(0, len(data) - int(last))
+                end = min(int(last), len(data) - 1) if first and last else len(data) - 1
+            except ValueError:
+                start, end = 0, len(data) - 1
+            if start >= len(data):
+                self.set_status(416)
+                self.set_header("Content-Range", f"bytes */{len(data)}")
+                return self.finish()
+            self.set_status(206)
+            self.set_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+            return self.finish(data[start:end + 1])
         self.finish(data)
 
 

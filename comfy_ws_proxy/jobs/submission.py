@@ -1,0 +1,45 @@
+"""Checking a submission, whichever face it came through (WebSocket or HTTP)."""
+from __future__ import annotations
+
+from ..model import ErrorCode, RequestError, SubmitRequest, is_canonical_uuid
+
+MAX_TIMEOUT_S = 7 * 24 * 3600  # a job's own time limit: a week at most
+
+
+def parse_submit(data: dict, max_prompt_nodes: int, node_allowlist: tuple[str, ...]) -> SubmitRequest:
+    """A submission's fields (``{prompt, prompt_id?, extra_data?, ...}``), checked alike for
+    every face. Raises RequestError with a stable code."""
+    prompt = data.get("prompt")
+    if not isinstance(prompt, dict) or not prompt:
+        raise RequestError(ErrorCode.INVALID_MESSAGE, "submit_prompt needs a non-empty object 'prompt'")
+    if len(prompt) > max_prompt_nodes:
+        raise RequestError(ErrorCode.INVALID_PROMPT,
+                            f"Prompt has {len(prompt)} nodes; the limit is {max_prompt_nodes}",
+                            details={"limit": max_prompt_nodes, "nodes": len(prompt)})
+    for node_id, node in prompt.items():
+        if not isinstance(node, dict):
+            raise RequestError(ErrorCode.INVALID_PROMPT, f"Node {node_id[:64]!r} must be an object")
+        if node_allowlist:
+            class_type = node.get("class_type")
+            if class_type not in node_allowlist:
+                raise RequestError(ErrorCode.INVALID_PROMPT,
+                                    f"Node type {str(class_type)[:64]!r} is not allowed here",
+                                    details={"node_id": node_id[:64]})
+    prompt_id = data.get("prompt_id")
+    if prompt_id is not None and not is_canonical_uuid(prompt_id):
+        raise RequestError(ErrorCode.INVALID_MESSAGE, "prompt_id must be a lowercase hyphenated UUID")
+    extra_data = data.get("extra_data")
+    if extra_data is not None and not isinstance(extra_data, dict):
+        raise RequestError(ErrorCode.INVALID_MESSAGE, "extra_data must be an object")
+    targets = data.get("partial_execution_targets")
+    if targets is not None and (not isinstance(targets, list) or not all(isinstance(t, str) for t in targets)):
+        raise RequestError(ErrorCode.INVALID_MESSAGE, "partial_execution_targets must be a list of node ids")
+    front = data.get("front", False)
+    if not isinstance(front, bool):
+        raise RequestError(ErrorCode.INVALID_MESSAGE, "front must be true or false")
+    timeout_s = data.get("timeout_s")
+    if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
+                                  or not 0 < timeout_s <= MAX_TIMEOUT_S):
+        raise RequestError(ErrorCode.INVALID_MESSAGE, f"timeout_s must be a number of seconds in (0, {MAX_TIMEOUT_S}]")
+    return SubmitRequest(prompt, prompt_id, extra_data, targets, front,
+                         float(timeout_s) if timeout_s is not None else None)
