@@ -14,14 +14,7 @@ from tornado.httpserver import HTTPServer
 from tornado.httputil import HTTPHeaders
 from tornado.netutil import bind_sockets
 
-from comfy_ws_proxy.auth import (
-    AuthError,
-    JwksCache,
-    StaticKeys,
-    TokenVerifier,
-    extract_token,
-    parse_jwks,
-)
+from comfy_ws_proxy.auth import AuthError, JwksCache, StaticKeys, TokenVerifier, extract_token, parse_jwks
 from comfy_ws_proxy.testing.tokens import DevKey
 
 from .helpers import FakeClock

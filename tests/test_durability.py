@@ -10,6 +10,7 @@ import sys
 import uuid
 
 import pytest
+
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
 

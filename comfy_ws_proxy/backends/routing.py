@@ -21,12 +21,7 @@ import json
 from typing import Any, Callable
 
 from ..model import FINAL_EVENTS
-from .frames import (
-    BINARY_PREVIEW_WITH_METADATA,
-    BINARY_TEXT,
-    binary_event_type,
-    preview_metadata,
-)
+from .frames import BINARY_PREVIEW_WITH_METADATA, BINARY_TEXT, binary_event_type, preview_metadata
 
 
 class Routed:

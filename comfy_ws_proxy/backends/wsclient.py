@@ -25,18 +25,8 @@ import struct
 from typing import Callable
 from urllib.parse import urlsplit
 
-from ..wsframes import (
-    FIN,
-    MASKED,
-    OP_BINARY,
-    OP_CLOSE,
-    OP_CONTINUATION,
-    OP_PING,
-    OP_PONG,
-    OP_TEXT,
-    client_frame,
-    close_payload,
-)
+from ..wsframes import (FIN, MASKED, OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT,
+                       client_frame, close_payload)
 
 log = logging.getLogger(__name__)
 

@@ -17,13 +17,7 @@ from tornado.ioloop import PeriodicCallback
 from tornado.iostream import IOStream, StreamClosedError
 from tornado.websocket import WebSocketHandler
 
-from ..auth import (
-    AuthError,
-    Identity,
-    TokenVerifier,
-    extract_token,
-    requested_subprotocols,
-)
+from ..auth import AuthError, Identity, TokenVerifier, extract_token, requested_subprotocols
 from ..jobs.service import JobService
 from ..logs import log_uncaught
 from ..metrics import Metrics
