@@ -69,6 +69,7 @@ class Job:
     answer: Any = field(default=None, compare=False)  # an Idempotency-Key's answer, stored with the job
     current: tuple | None = field(default=None, compare=False)  # running: (node, step, steps)
     nodes_done: set = field(default_factory=set, compare=False)  # executed or cached nodes
+    nodes_total: int | None = field(default=None, compare=False)  # the prompt's size (kept when it is dropped)
 
     @property
     def finished(self) -> bool:

@@ -214,3 +214,20 @@ async def test_a_final_refusal_is_replayed_but_a_retryable_one_is_not():
         assert h.state.tracker.store.recall("alice", "k3", h.state.tracker.wall()) is None
 
 
+
+
+async def test_a_running_job_shows_its_node_and_progress():
+    async with ProxyHarness() as h:
+        alice = await h.connect("alice")
+        hold = h.sim.hold_node("5")  # ImageScale, after Invert, Blur and GetImageSize
+        job_id = parsed(await call(h, "POST", "/generate", body=workflow("success")))["job_id"]
+        await alice.next("executing", lambda m: m["data"].get("node") == "5" and m["data"]["prompt_id"] == job_id)
+        running = parsed(await call(h, "GET", f"/job/{job_id}"))
+        assert running["status"] == "processing" and running["started_at"] and running["queue_position"] is None
+        progress = running["progress"]
+        assert progress["current_node"] == "5" and progress["current_node_class"] == "ImageScale"
+        assert progress["nodes_total"] == 7 and 1 <= progress["nodes_done"] < 7 and 0 < progress["value"] < 1
+        hold.release()
+        done = parsed(await call(h, "GET", f"/job/{job_id}", headers={"Prefer": "wait=10"}))
+        assert done["progress"]["value"] == 1.0 and done["progress"]["nodes_done"] == 7
+        assert done["progress"]["current_node"] is None

@@ -83,8 +83,8 @@ class JobViews:
 
     @staticmethod
     def _progress(job: Job, prompt: dict) -> dict:
-        total = len(prompt) or None
-        done = len(job.nodes_done)
+        total = len(prompt) or job.nodes_total
+        done = total if job.state == JobState.SUCCESS and total else len(job.nodes_done)
         node, step, steps = job.current if job.current and job.state == JobState.RUNNING else (None, None, None)
         if job.state == JobState.SUCCESS:
             value = 1.0

@@ -134,6 +134,7 @@ class JobService:
         job = Job(job_id, owner, JobState.QUEUED, request.payload(), created_at=self.tracker.wall(),
                   updated_at=self.tracker.wall(), timeout_s=self._time_limit(request))
         job.last_heard = now
+        job.nodes_total = len(request.prompt)
         if answer_for is not None:
             job.answer = answer_for(job)
         await self.queue.submit(job)

@@ -313,6 +313,8 @@ class JobTracker:
             if isinstance(nodes, list):
                 job.nodes_done.update(n for n in nodes if isinstance(n, str))
         elif kind == "executing" and isinstance(routed.data.get("node"), str):
+            if job.current is not None:  # ComfyUI moved on: the node before is done
+                job.nodes_done.add(job.current[0])
             job.current = (routed.data["node"], None, None)
         elif kind == "executing" and routed.data.get("node", "") is None:
             # ComfyUI's end marker for a job whose final event we never heard (it went to a
