@@ -104,7 +104,7 @@ class ProxyState:
         self.pool = BackendPool([backend], queue_depth=settings.backend_queue_depth)
         self.store = open_store(settings.store_path)
         # the domain
-        self.tracker = JobTracker(self.store, self.metrics, clock, wall)
+        self.tracker = JobTracker(self.store, self.metrics, clock, wall, settings.share_comfy_status)
         self._spare_client_ids: dict[tuple[str, str], str] = {}
         self.links = LinkManager(settings, self._client_id, self.tracker, self.metrics)
         self.queue = JobQueue(self.tracker, self.pool, self.links, self.metrics, clock,

@@ -135,6 +135,9 @@ OPTIONS: tuple[Option, ...] = (
          minimum=0.001),
     _opt("submit_burst", "int", 20, "Prompt submissions a user may burst.", minimum=1),
     _opt("node_allowlist", "list", [], "If set, only these node class_types may be submitted."),
+    _opt("share_comfy_status", "bool", False,
+         "Forward ComfyUI's status broadcasts (its whole queue's length: every user's activity) instead "
+         "of telling each user the count of their own unfinished jobs."),
     _opt("isolate_users", "bool", True,
          "Keep users' files and ComfyUI cache entries apart: outputs saved in a per-user folder, file "
          "inputs limited to the user's own files, the cache scoped per user (docs: the node policy)."),

@@ -49,13 +49,13 @@ async def test_client_prompt_id_is_used_and_bad_ones_refused(io_loop):
         mine = str(uuid.uuid4())
         accepted = await alice.submit(workflow("success"), prompt_id=mine)
         assert accepted["data"]["prompt_id"] == mine
+        await alice.next("execution_success", lambda m: m["data"]["prompt_id"] == mine)
         refused = await alice.submit(workflow("success"), prompt_id="NOT-A-UUID")
         assert refused["data"]["code"] == "invalid_message"
         # Bob cannot take over Alice's prompt id (and is not told whose it is).
         stolen = await bob.submit(workflow("success"), prompt_id=mine)
         assert stolen["type"] == "error" and stolen["data"]["code"] == "invalid_message"
         assert "alice" not in json.dumps(stolen)
-        await alice.next("execution_success", lambda m: m["data"]["prompt_id"] == mine)
         assert h.sim.execution_counts[mine] == 1
 
 

@@ -374,3 +374,28 @@ async def test_frames_stay_whole_and_in_order_when_the_socket_backs_up(io_loop):
         await asyncio.wait_for(read_all(), TIMEOUT)
         assert seqs == list(range(seqs[0], seqs[0] + 4000))
         writer.close()
+
+
+@pytest.mark.parametrize("share", [False, True])
+async def test_an_idle_user_learns_nothing_of_other_users_queue(io_loop, share):
+    """ComfyUI's status broadcasts count everyone's prompts: by default a user is told the
+    count of their own unfinished jobs, when it changes, and nothing when others work."""
+    async with ProxyHarness(share_comfy_status=share) as h:
+        alice, bob = await h.connect("alice"), await h.connect("bob")
+        for _ in range(3):
+            await bob.run(workflow("success"))
+        alice.send("ping")
+        await alice.next("pong")
+        statuses = [m for m in alice.json_messages() if m["type"] == "status"]
+        if share:
+            assert statuses  # ComfyUI's own, as an operator who shares them wants
+            return
+        assert statuses == []
+        prompt_id, _ = await alice.run(workflow("success"))
+        await alice.next("status", lambda m: m["data"]["status"]["exec_info"]["queue_remaining"] == 0)
+        counts = [m["data"]["status"]["exec_info"]["queue_remaining"] for m in alice.json_messages()
+                  if m["type"] == "status"]
+        assert counts == [1, 0]
+        bob_counts = [m["data"]["status"]["exec_info"]["queue_remaining"] for m in bob.json_messages()
+                      if m["type"] == "status"]
+        assert bob_counts == [1, 0] * 3  # Bob's own three, and nothing of Alice's

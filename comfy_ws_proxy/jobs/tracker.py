@@ -42,8 +42,13 @@ def replayed(kind: str, data: dict) -> str:
 
 class JobTracker:
     def __init__(self, store: JobStore, metrics: Metrics, clock: Callable[[], float],
-                 wall: Callable[[], float] = time.time):
+                 wall: Callable[[], float] = time.time, share_comfy_status: bool = False):
         self.store = store
+        # ComfyUI's status broadcasts tell its whole queue's length, so everyone's activity:
+        # unless the operator shares them, a user is told the count of their own jobs instead,
+        # when it changes (SHARE_COMFY_STATUS).
+        self.share_comfy_status = share_comfy_status
+        self._queue_told: dict[str, int] = {}
         self.metrics = metrics
         self.clock = clock  # monotonic: last_heard
         self.wall = wall    # epoch seconds: the stored timestamps
@@ -207,6 +212,8 @@ class JobTracker:
     def _changed(self, job: Job, old: str) -> None:
         for listener in list(self.listeners):
             listener(job, old)
+        if not self.share_comfy_status and (old == "" or job.finished != (old not in JobState.UNFINISHED)):
+            self._tell_queue(job.owner)
 
     def forget_finished(self, older_than: float) -> int:
         """Drop finished jobs last changed before ``older_than`` (epoch seconds)."""
@@ -272,7 +279,26 @@ class JobTracker:
 
     # --- ComfyUI's frames (FrameSink, through the links) ----------------------------------------
     def upstream_status(self, owner: str, text: str) -> None:
-        self._publish_frame(None, owner, "status", text)
+        if self.share_comfy_status:
+            self._publish_frame(None, owner, "status", text)
+
+    def queue_status(self, owner: str) -> dict:
+        """A ``status`` message's data in ComfyUI's shape, counting the owner's own jobs not
+        yet finished (in the proxy's queue or in ComfyUI's)."""
+        remaining = sum(1 for j in self.by_owner.get(owner, {}).values() if not j.finished)
+        return {"status": {"exec_info": {"queue_remaining": remaining}}}
+
+    def _tell_queue(self, owner: str) -> None:
+        data = self.queue_status(owner)
+        remaining = data["status"]["exec_info"]["queue_remaining"]
+        if self._queue_told.get(owner) == remaining:
+            return
+        if remaining:
+            self._queue_told[owner] = remaining
+        else:
+            self._queue_told.pop(owner, None)  # bounded: idle owners are not kept
+        self._publish_frame(None, owner, "status", json.dumps({"type": "status", "data": data},
+                                                              separators=(",", ":")))
 
     def upstream_frame(self, owner: str, backend: str, routed: Routed, frame) -> None:
         job = self.jobs.get(routed.job_id) if routed.job_id else None
