@@ -1,14 +1,15 @@
 """Every option, declared once: name, type, default, help, environment names.
 
 Sources, lowest to highest precedence: the default, the config file (``--config FILE``,
-a tornado.options-style Python file of ``name = value`` lines), environment variables,
-command-line flags. The result is a frozen :class:`Settings`.
+a tornado.options-style Python file of ``name = value`` lines and nothing else), environment
+variables, command-line flags. The result is a frozen :class:`Settings`.
 
 Unlike tornado.options, an unknown name in the config file is an error: a typo in
 production config must stop the process, not be silently ignored.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import os
 import sys
@@ -32,23 +33,25 @@ class Option:
     required: bool = False
     minimum: float | None = None
     choices: tuple[str, ...] = ()
+    maximum: float | None = None
 
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
 
 
-def _opt(name, type_, default, help_, *, env=None, required=False, minimum=None, choices=()):
+def _opt(name, type_, default, help_, *, env=None, required=False, minimum=None, choices=(), maximum=None):
     env_names = (name.upper(),) if env is None else tuple(env)
-    return Option(name, type_, default, help_, env_names, required, minimum, tuple(choices))
+    return Option(name, type_, default, help_, env_names, required, minimum, tuple(choices), maximum)
 
 
 KIB = 1024
 MIB = 1024 * 1024
+MAX_PORT = 65535  # a TCP port option takes minimum=0, maximum=MAX_PORT (the kernel would wrap 70000 to 4464)
 
 OPTIONS: tuple[Option, ...] = (
     # --- server -----------------------------------------------------------------------------
-    _opt("port", "int", 8190, "TCP port to listen on.", minimum=0),
+    _opt("port", "int", 8190, "TCP port to listen on.", minimum=0, maximum=MAX_PORT),
     _opt("host", "str", "127.0.0.1", "Address to bind (0.0.0.0 for every interface)."),
     _opt("dev_mode", "bool", False,
          "Development mode: allows NO_VERIFY and the default metrics secret. Never in production."),
@@ -243,8 +246,13 @@ def _convert(option: Option, raw: Any, where: str) -> Any:
         if not isinstance(raw, str):
             raise bad(f"expected a string, got {raw!r}")
         value = raw.strip()
+    if option.minimum is not None and option.maximum is not None \
+            and not option.minimum <= value <= option.maximum:
+        raise bad(f"must be between {option.minimum:g} and {option.maximum:g}, got {value!r}")
     if option.minimum is not None and value < option.minimum:
         raise bad(f"must be at least {option.minimum:g}, got {value!r}")
+    if option.maximum is not None and value > option.maximum:
+        raise bad(f"must be at most {option.maximum:g}, got {value!r}")
     if option.choices and value not in option.choices:
         raise bad(f"must be one of {', '.join(option.choices)}, got {value!r}")
     return value
@@ -253,18 +261,29 @@ def _convert(option: Option, raw: Any, where: str) -> Any:
 def read_config_file(path: str) -> dict[str, Any]:
     """Execute a tornado.options-style file and return its option assignments.
 
-    Names starting with an underscore and imported modules are ignored; any other
-    unknown name is an error (tornado.options would silently ignore the typo).
+    Only ``name = value`` lines (and imports, and strings as comments) are allowed: a
+    statement that binds no name, such as ``port: 8190`` (a Python annotation, not an
+    assignment), would otherwise be silently ignored. Names starting with an underscore and
+    imported modules are ignored; any other unknown name is an error (tornado.options would
+    silently ignore the typo).
     """
     try:
         with open(path, encoding="utf-8") as f:
             source = f.read()
     except OSError as e:
         raise ConfigError(f"--config {path}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--config {path}: not UTF-8 text ({e.reason})") from None
+    try:
+        tree = ast.parse(source, path)
+    except (SyntaxError, ValueError) as e:  # a syntax error in config must become one clear line
+        raise ConfigError(f"--config {path}: {type(e).__name__}: {e}") from None
+    for statement in tree.body:
+        _check_statement(statement, source, path)
     namespace: dict[str, Any] = {"__file__": path}
     try:
-        exec(compile(source, path, "exec"), namespace)  # noqa: S102 - operator-owned config file
-    except Exception as e:  # a syntax error in config must become one clear line
+        exec(compile(tree, path, "exec"), namespace)  # noqa: S102 - operator-owned config file
+    except Exception as e:  # an error while running the file must become one clear line too
         raise ConfigError(f"--config {path}: {type(e).__name__}: {e}") from None
     values = {}
     for name, value in namespace.items():
@@ -275,6 +294,27 @@ def read_config_file(path: str) -> dict[str, Any]:
             raise ConfigError(f"{name} ({path}): unknown option; see --help for the list")
         values[key] = value
     return values
+
+
+def _check_statement(node: ast.stmt, source: str, path: str) -> None:
+    """Refuse a top-level statement of a config file that is not ``name = value``."""
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return
+    if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+        return  # a docstring
+    if isinstance(node, ast.Assign) and all(isinstance(t, ast.Name) for t in node.targets):
+        return
+    if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
+        return  # name: type = value still assigns
+    text = (ast.get_source_segment(source, node) or "").splitlines()[0:1]
+    shown = repr(text[0]) if text else "a statement"
+    where = f"{path}:{node.lineno}"
+    if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+        name = node.target.id
+        hint = ast.get_source_segment(source, node.annotation) or "..."
+        raise ConfigError(f"{name} ({where}): {shown} is a Python annotation, not an assignment, "
+                          f"and would be ignored; write {name} = {hint}")
+    raise ConfigError(f"--config {where}: {shown} is not a name = value line")
 
 
 def _parse_argv(argv: Sequence[str]) -> tuple[str | None, dict[str, str], bool]:
@@ -373,6 +413,7 @@ def validate(s: "Settings") -> None:
     parts = urlsplit(s.comfy_url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"COMFY_URL: expected an http(s) URL like http://127.0.0.1:8188, got {s.comfy_url!r}")
+    _check_url_port("COMFY_URL", s.comfy_url)
     if s.no_verify and not s.dev_mode:
         raise ConfigError("NO_VERIFY: true is refused unless DEV_MODE=true (it accepts forged tokens)")
     if not s.dev_mode and s.metrics_secret == DEFAULT_METRICS_SECRET:
@@ -381,8 +422,14 @@ def validate(s: "Settings") -> None:
         raise ConfigError("METRICS_SECRET: too short, use at least 8 characters")
     if not s.no_verify and not (s.jwt_jwks_url or s.jwt_key_file):
         raise ConfigError("JWT_JWKS_URL: set it or JWT_KEY_FILE so tokens can be verified")
-    if s.jwt_jwks_url and urlsplit(s.jwt_jwks_url).scheme not in ("http", "https"):
-        raise ConfigError(f"JWT_JWKS_URL: expected an http(s) URL, got {s.jwt_jwks_url!r}")
+    if s.jwt_jwks_url:
+        jwks = urlsplit(s.jwt_jwks_url)
+        if jwks.scheme not in ("http", "https") or not jwks.hostname:
+            raise ConfigError(f"JWT_JWKS_URL: expected an http(s) URL, got {s.jwt_jwks_url!r}")
+        _check_url_port("JWT_JWKS_URL", s.jwt_jwks_url)
+        if jwks.scheme == "http" and not s.dev_mode and not _is_loopback(jwks.hostname):
+            raise ConfigError("JWT_JWKS_URL: plain http is refused outside DEV_MODE (whoever is on the path "
+                              "could swap the keys and forge any token); use https, or a loopback address")
     bad_algs = [a for a in s.jwt_alg_allowlist if a.lower() == "none" or a.upper().startswith("HS")]
     if bad_algs:
         raise ConfigError(f"JWT_ALG_ALLOWLIST: {', '.join(bad_algs)} not allowed (only public-key algorithms)")
@@ -394,6 +441,28 @@ def validate(s: "Settings") -> None:
         raise ConfigError("WS_PING_TIMEOUT_S: must be <= WS_PING_INTERVAL_S")
     if s.breaker_max_open_ms < s.breaker_open_ms:
         raise ConfigError("BREAKER_MAX_OPEN_MS: must be >= BREAKER_OPEN_MS")
+
+
+def _check_url_port(name: str, url: str) -> None:
+    from urllib.parse import urlsplit
+
+    try:
+        urlsplit(url).port  # raises for a port outside 0..65535 or one that is not a number
+    except ValueError:
+        raise ConfigError(f"{name}: the port must be a number from 0 to {MAX_PORT}, got {url!r}") from None
+
+
+def _is_loopback(host: str) -> bool:
+    """Is ``host`` this machine (a literal loopback address, or ``localhost``)? A name other
+    than localhost is not trusted: resolving it is exactly what an attacker on the path controls."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def settings_for_tests(**overrides: Any) -> "Settings":
