@@ -11,9 +11,10 @@ import sys
 from tornado.httpserver import HTTPServer
 
 from .app import make_app
+from .auth import KeySetupError
 from .config import ConfigError, describe, load_settings
 from .logs import configure_logging
-from .store import StoreInUse
+from .store import StoreOpenError
 
 log = logging.getLogger("comfy_ws_proxy")
 
@@ -39,12 +40,10 @@ def main(argv: list[str] | None = None) -> int:
 async def serve(settings) -> int:
     try:
         app, state = make_app(settings)
-    except StoreInUse as e:
+    except StoreOpenError as e:  # a missing folder, a directory, a store in use
         raise ConfigError(f"STORE_PATH: {e}") from None
-    except (OSError, ValueError) as e:  # an unreadable key file or store path
-        where = "JWT_KEY_FILE" if settings.jwt_key_file and settings.jwt_key_file in str(e) or isinstance(e, ValueError) \
-            else "STORE_PATH"
-        raise ConfigError(f"{where}: {e}") from None
+    except KeySetupError as e:  # an unusable key file, keys that fit no allowed algorithm
+        raise ConfigError(f"{e.option}: {e}") from None
     server = HTTPServer(app, xheaders=settings.trust_forwarded, idle_connection_timeout=IDLE_HTTP_CONNECTION_S)
     try:
         server.listen(settings.port, settings.host)

@@ -15,6 +15,7 @@ from typing import Any, Callable
 from urllib.parse import parse_qs
 
 import jwt
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
@@ -45,6 +46,16 @@ class Identity:
     verified: bool
 
 
+class KeySetupError(Exception):
+    """Configured keys that cannot work: an unreadable or unrecognised key file, or keys that
+    verify none of the allowed algorithms. ``option`` names the setting to fix; ``str()`` is
+    one line for the operator."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(message)
+        self.option = option
+
+
 # --- extraction ------------------------------------------------------------------------------
 
 def extract_token(headers, query: str, *, allow_query: bool) -> tuple[str | None, str]:
@@ -72,6 +83,10 @@ def requested_subprotocols(headers) -> list[str]:
 
 # --- keys ------------------------------------------------------------------------------------
 
+_EC_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512", "secp256k1": "ES256K"}
+PUBLIC_KEY_TYPES = (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey, rsa.RSAPublicKey, ec.EllipticCurvePublicKey)
+
+
 @dataclass(frozen=True)
 class VerificationKey:
     kid: str | None
@@ -87,9 +102,50 @@ class VerificationKey:
         if isinstance(self.key, rsa.RSAPublicKey):
             return alg[:2] in ("RS", "PS")
         if isinstance(self.key, ec.EllipticCurvePublicKey):
-            wanted = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512", "secp256k1": "ES256K"}
-            return wanted.get(self.key.curve.name) == alg
+            return _EC_ALGORITHMS.get(self.key.curve.name) == alg
         return False
+
+    def needed_alg(self) -> str | None:
+        """The algorithm to allow for this key (for RSA the usual one: any RS/PS would do)."""
+        if self.alg is not None:
+            return self.alg
+        if isinstance(self.key, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
+            return "EdDSA"
+        if isinstance(self.key, rsa.RSAPublicKey):
+            return "RS256"
+        if isinstance(self.key, ec.EllipticCurvePublicKey):
+            return _EC_ALGORITHMS.get(self.key.curve.name)
+        return None
+
+    @property
+    def kind(self) -> str:
+        if isinstance(self.key, ec.EllipticCurvePublicKey):
+            return f"EC {self.key.curve.name}"
+        for name, types in (("Ed25519", ed25519.Ed25519PublicKey), ("Ed448", ed448.Ed448PublicKey),
+                            ("RSA", rsa.RSAPublicKey)):
+            if isinstance(self.key, types):
+                return name
+        return type(self.key).__name__
+
+
+def algorithm_mismatch(keys, algorithms: tuple[str, ...], source: str) -> str | None:
+    """None if some key can verify some allowed algorithm; else one line saying what to allow.
+
+    Without this, an RSA key with the default EdDSA allowlist starts fine and then refuses
+    every token (alg_not_allowed)."""
+    keys = list(keys)
+    if any(key.accepts(alg) for key in keys for alg in algorithms):
+        return None
+    kinds = ", ".join(sorted({key.kind for key in keys}))
+    needed = sorted({alg for alg in (key.needed_alg() for key in keys) if alg})
+    line = f"{', '.join(algorithms)} cannot be verified with the {kinds} key{'s' if len(keys) > 1 else ''} " \
+           f"in {source}"
+    if not needed:
+        return line
+    line += f"; set JWT_ALG_ALLOWLIST={','.join(needed)}"
+    if any(isinstance(key.key, rsa.RSAPublicKey) and key.alg is None for key in keys):
+        line += " (or the RS/PS algorithm your issuer signs with)"
+    return line
 
 
 def parse_jwks(document: Any) -> dict[str | None, VerificationKey]:
@@ -123,13 +179,40 @@ def parse_jwks(document: Any) -> dict[str | None, VerificationKey]:
 
 
 def load_key_file(path: str) -> dict[str | None, VerificationKey]:
-    """A local JWKS (JSON) or PEM public key file; read once at start-up."""
-    with open(path, "rb") as f:
-        raw = f.read()
+    """A local JWKS (JSON) or PEM public key file; read once at start-up. Raises
+    KeySetupError with one line naming the file."""
+    def bad(why: str) -> KeySetupError:
+        return KeySetupError("JWT_KEY_FILE", f"{path}: {why}")
+
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise bad(f"cannot read: {e.strerror}") from None
+    neither = "neither a JWKS JSON document nor a PEM public key"
     if raw.lstrip().startswith(b"-----BEGIN"):
-        key = load_pem_public_key(raw)
+        first_line = raw.lstrip().split(b"\n", 1)[0]
+        if b"PRIVATE KEY" in first_line:
+            raise bad("a PEM private key; give the proxy the public key only (openssl pkey -pubout)")
+        if b"CERTIFICATE" in first_line:
+            raise bad("a certificate, not a public key; extract it with openssl x509 -pubkey -noout")
+        try:
+            key = load_pem_public_key(raw)
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            raise bad(f"{neither} (its PEM block holds no readable public key)") from None
+        if not isinstance(key, PUBLIC_KEY_TYPES):
+            raise bad(f"a {type(key).__name__}, which cannot verify JWTs (RSA, EC or Ed25519 keys can)")
         return {None: VerificationKey(None, key, None)}
-    return parse_jwks(json.loads(raw))
+    try:
+        document = json.loads(raw)
+    except ValueError:  # not JSON, or not UTF-8
+        raise bad(neither) from None
+    if not (isinstance(document, dict) and ("keys" in document or "kty" in document)):
+        raise bad(f'{neither} (JSON, but with no "keys" or "kty")')
+    try:
+        return parse_jwks(document)
+    except ValueError as e:  # a JWKS, but no key in it can verify a token
+        raise bad(str(e)) from None
 
 
 class KeyProvider:
@@ -175,8 +258,10 @@ class JwksCache(KeyProvider):
 
     def __init__(self, url: str, http_client: AsyncHTTPClient, *, ttl: float, min_refetch_interval: float,
                  timeout: float = 5.0, clock: Callable[[], float] = time.monotonic,
-                 on_fetch: Callable[[str], None] | None = None):
+                 on_fetch: Callable[[str], None] | None = None, algorithms: tuple[str, ...] = ()):
         self.url = url
+        self.algorithms = tuple(algorithms)  # to warn when no fetched key can verify any of them
+        self._mismatch_told = False
         self.http = http_client
         self.ttl = ttl
         self.min_refetch_interval = min_refetch_interval
@@ -231,6 +316,15 @@ class JwksCache(KeyProvider):
         self.fetched_at = self.clock()
         self._note("ok")
         log.info("JWKS fetched from %s: %d keys", self.url, len(keys))
+        self._check_algorithms()
+
+    def _check_algorithms(self) -> None:
+        """Warn once (until it is fixed) when no fetched key can verify an allowed algorithm:
+        the keys are not known at start, so this is the earliest the mistake shows."""
+        mismatch = algorithm_mismatch(self.keys.values(), self.algorithms, self.url) if self.algorithms else None
+        if mismatch is not None and not self._mismatch_told:
+            log.warning("JWT_ALG_ALLOWLIST: %s; until then every token is refused", mismatch)
+        self._mismatch_told = mismatch is not None
 
     def _note(self, outcome: str) -> None:
         self.stats.outcomes.append(outcome)
@@ -339,13 +433,21 @@ def _exp(claims: dict) -> float | None:
 
 
 def build_verifier(settings, http_client: AsyncHTTPClient, on_jwks_fetch=None) -> TokenVerifier:
-    """The verifier the settings ask for (local key file, JWKS URL, or NO_VERIFY)."""
+    """The verifier the settings ask for (local key file, JWKS URL, or NO_VERIFY). Raises
+    KeySetupError when the key file is unusable or none of its keys fits the allowlist."""
     keys: KeyProvider | None = None
+    verifier = TokenVerifier(None, algorithms=settings.jwt_alg_allowlist, issuers=settings.jwt_issuers,
+                             audiences=settings.jwt_audiences, leeway=settings.jwt_leeway_s,
+                             no_verify=settings.no_verify)
     if settings.jwt_key_file:
-        keys = StaticKeys(load_key_file(settings.jwt_key_file))
+        loaded = load_key_file(settings.jwt_key_file)
+        mismatch = algorithm_mismatch(loaded.values(), verifier.algorithms, settings.jwt_key_file)
+        if mismatch is not None and not settings.no_verify:
+            raise KeySetupError("JWT_ALG_ALLOWLIST", mismatch)
+        keys = StaticKeys(loaded)
     elif settings.jwt_jwks_url:
         keys = JwksCache(settings.jwt_jwks_url, http_client, ttl=settings.jwks_cache_ttl_s,
-                         min_refetch_interval=settings.jwks_min_refetch_interval_s, on_fetch=on_jwks_fetch)
-    return TokenVerifier(keys, algorithms=settings.jwt_alg_allowlist, issuers=settings.jwt_issuers,
-                         audiences=settings.jwt_audiences, leeway=settings.jwt_leeway_s,
-                         no_verify=settings.no_verify)
+                         min_refetch_interval=settings.jwks_min_refetch_interval_s, on_fetch=on_jwks_fetch,
+                         algorithms=verifier.algorithms)
+    verifier.keys = keys
+    return verifier

@@ -1,13 +1,24 @@
 """A configuration that cannot work stops the process at start with one line and exit status 2
 (systemd's RestartPreventExitStatus=2 then does not restart it every 2 s); a legal but
 suspicious one that can only be seen later is logged."""
+import json
+import logging
 import os
 import subprocess
 import sys
 
+import jwt
 import pytest
+import tornado.web
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from tornado.httpclient import AsyncHTTPClient
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
 
-from comfy_ws_proxy.config import MAX_PORT, OPTIONS, ConfigError, load_settings
+from comfy_ws_proxy.auth import JwksCache, KeySetupError, build_verifier
+from comfy_ws_proxy.config import MAX_PORT, OPTIONS, ConfigError, load_settings, settings_for_tests
+from comfy_ws_proxy.testing.tokens import DevKey
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 DEV = {"COMFY_URL": "http://127.0.0.1:1", "DEV_MODE": "true", "STORE_PATH": ":memory:"}
@@ -27,6 +38,24 @@ def one_line_error(result) -> str:
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("comfy-ws-proxy: error: ")
     return lines[0]
+
+
+def pem(public_key) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+# --- STORE_PATH ----------------------------------------------------------------------------
+
+def test_a_store_path_in_a_missing_folder_or_naming_a_folder_is_one_line(tmp_path):
+    missing = tmp_path / "no-such-folder" / "store.sqlite3"
+    line = one_line_error(run_proxy([], dict(DEV, NO_VERIFY="true", STORE_PATH=str(missing)), tmp_path))
+    assert "STORE_PATH" in line and f"{tmp_path / 'no-such-folder'} does not exist" in line
+    line = one_line_error(run_proxy([], dict(DEV, NO_VERIFY="true", STORE_PATH=str(tmp_path)), tmp_path))
+    assert "STORE_PATH" in line and f"{tmp_path} is a directory" in line
+    not_a_database = tmp_path / "notes.txt"
+    not_a_database.write_text("hello\n" * 200)
+    line = one_line_error(run_proxy([], dict(DEV, NO_VERIFY="true", STORE_PATH=str(not_a_database)), tmp_path))
+    assert "STORE_PATH" in line and "cannot open as an SQLite database" in line
 
 
 # --- ports ---------------------------------------------------------------------------------
@@ -85,6 +114,86 @@ def test_what_config_files_may_hold_still_loads(tmp_path):
     s = load_settings(["--config", str(conf)], {"COMFY_URL": "http://127.0.0.1:1", "DEV_MODE": "true",
                                                  "NO_VERIFY": "true"})
     assert s.port == 8191 and s.store_path == "/var/lib/x.sqlite3"
+
+
+# --- JWT_KEY_FILE and the algorithm allowlist ---------------------------------------------
+
+def test_a_garbage_key_file_says_what_it_expected_and_names_the_file(tmp_path):
+    cases = {"garbage.pem": b"this is not a key\n",
+             "broken.pem": b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n",
+             "list.json": b"[1, 2]"}
+    for name, content in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        line = one_line_error(run_proxy([], dict(DEV, JWT_KEY_FILE=str(path)), tmp_path))
+        assert f"JWT_KEY_FILE: {path}: neither a JWKS JSON document nor a PEM public key" in line, line
+    private = tmp_path / "private.pem"
+    private.write_bytes(rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    line = one_line_error(run_proxy([], dict(DEV, JWT_KEY_FILE=str(private)), tmp_path))
+    assert f"JWT_KEY_FILE: {private}: a PEM private key" in line
+
+
+def test_an_rsa_key_with_the_default_eddsa_allowlist_stops_at_start(tmp_path):
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    path = tmp_path / "issuer.pem"
+    path.write_bytes(pem(key.public_key()))
+    line = one_line_error(run_proxy([], dict(DEV, JWT_KEY_FILE=str(path)), tmp_path))
+    assert "JWT_ALG_ALLOWLIST" in line and "RSA" in line and str(path) in line
+    assert "set JWT_ALG_ALLOWLIST=RS256" in line
+
+
+async def test_which_algorithm_each_key_needs(io_loop, tmp_path):
+    ec_path = tmp_path / "ec.pem"
+    ec_path.write_bytes(pem(ec.generate_private_key(ec.SECP384R1()).public_key()))
+    with pytest.raises(KeySetupError, match="set JWT_ALG_ALLOWLIST=ES384$") as caught:
+        build_verifier(settings_for_tests(jwt_key_file=str(ec_path)), None)
+    assert caught.value.option == "JWT_ALG_ALLOWLIST"
+    ed_path = tmp_path / "jwks.json"
+    ed_path.write_text(json.dumps(DevKey.generate("k1").jwks()))
+    with pytest.raises(KeySetupError, match="set JWT_ALG_ALLOWLIST=EdDSA$"):
+        build_verifier(settings_for_tests(jwt_key_file=str(ed_path), jwt_alg_allowlist=("RS256",)), None)
+    # The allowlist the message names makes it work: the key verifies a token.
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    rsa_path = tmp_path / "rsa.pem"
+    rsa_path.write_bytes(pem(rsa_key.public_key()))
+    verifier = build_verifier(settings_for_tests(jwt_key_file=str(rsa_path), jwt_alg_allowlist=("RS256",)), None)
+    token = jwt.encode({"sub": "alice", "exp": 2 ** 31}, rsa_key, algorithm="RS256")
+    assert (await verifier.verify(token)).user_id == "alice"
+
+
+class JwksHandler(tornado.web.RequestHandler):
+    def initialize(self, document):
+        self.document = document
+
+    def get(self):
+        self.write(self.document)
+
+
+async def test_a_jwks_url_whose_keys_fit_no_allowed_algorithm_is_logged_at_first_fetch(io_loop, caplog):
+    public = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+    document = {"keys": [{**json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(public)), "kid": "r1"}]}
+    sockets = bind_sockets(0, "127.0.0.1")
+    server = HTTPServer(tornado.web.Application([(r"/jwks.json", JwksHandler, {"document": document})]))
+    server.add_sockets(sockets)
+    url = f"http://127.0.0.1:{sockets[0].getsockname()[1]}/jwks.json"
+    http = AsyncHTTPClient(force_instance=True)
+    try:
+        verifier = build_verifier(settings_for_tests(jwt_jwks_url=url), http)
+        assert verifier.keys.algorithms == ("EdDSA",)  # the default allowlist reaches the cache
+        caplog.set_level(logging.WARNING, logger="comfy_ws_proxy.auth")
+        await verifier.keys.refresh()
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and url in warnings[0] and "JWT_ALG_ALLOWLIST=RS256" in warnings[0]
+        await verifier.keys.refresh()  # said once, not at every fetch
+        assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+        caplog.clear()
+        fitting = JwksCache(url, http, ttl=60, min_refetch_interval=0, algorithms=("RS256",))
+        await fitting.refresh()
+        assert fitting.keys and not [r for r in caplog.records if r.levelno == logging.WARNING]
+    finally:
+        http.close()
+        server.stop()
 
 
 # --- JWT_JWKS_URL over plain http ---------------------------------------------------------

@@ -71,9 +71,26 @@ _INSERT = (f"INSERT OR REPLACE INTO prompts ({', '.join(_COLUMNS)}) "
            f"VALUES ({', '.join('?' * len(_COLUMNS))})")
 
 
-class StoreInUse(Exception):
+class StoreOpenError(Exception):
+    """The store cannot be opened at start-up (a missing folder, a directory, no permission,
+    not a database). One line for the operator, naming the path."""
+
+
+class StoreInUse(StoreOpenError):
     """Another process has this store open: two proxies on one store would each run every
     queued job (a rolling deploy on a shared volume). One line for the operator."""
+
+
+def _check_path(path: str) -> None:
+    """The usual mistakes with a store path, said plainly before SQLite says "unable to open"."""
+    if path == ":memory:" or path.startswith("file::memory:"):
+        return
+    if os.path.isdir(path):
+        raise StoreOpenError(f"{path} is a directory; give a file in it, e.g. "
+                             f"{os.path.join(path, 'comfy_ws_proxy.sqlite3')}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise StoreOpenError(f"{path}: the folder {folder} does not exist (create it, or choose another path)")
 
 
 def _json(value) -> str | None:
@@ -85,7 +102,16 @@ class SqliteJobStore:
 
     def __init__(self, path: str):
         self.path = path
+        _check_path(path)
         self._lock = self._take_lock(path)
+        try:
+            self._open(path)
+        except sqlite3.Error as e:  # e.g. a file that is not a database
+            if self._lock is not None:
+                self._lock.close()
+            raise StoreOpenError(f"{path}: cannot open as an SQLite database: {e}") from None
+
+    def _open(self, path: str) -> None:
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: a commit survives a process kill (SIGKILL); only an OS crash
@@ -105,7 +131,10 @@ class SqliteJobStore:
         it when the process dies, SIGKILL included); it names the holder's pid."""
         if path == ":memory:" or path.startswith("file::memory:"):
             return None
-        lock = open(path + ".lock", "a+", encoding="utf-8")
+        try:
+            lock = open(path + ".lock", "a+", encoding="utf-8")
+        except OSError as e:
+            raise StoreOpenError(f"{path}: cannot create its lock file {path}.lock: {e.strerror}") from None
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
