@@ -3,6 +3,14 @@ in one process, e.g. in tests), plus the JSON snapshot served at /metrics.
 
 Names: namespace ``comfy_ws_proxy_``, counters end in ``_total``, durations are
 ``_seconds`` histograms, label values are bounded (no user ids, no prompt ids).
+
+No ``_created`` series: prometheus_client adds one per counter and histogram child (a
+timestamp that doubles the series count and that Prometheus itself ignores in the text
+format). They are dropped from our exposition (``_WithoutCreated``) rather than with
+``prometheus_client.disable_created_metrics()``: that is a process-wide switch, so in a host
+application that embeds the proxy (``add_routes``) it would also remove the host's own
+``_created`` series, and the host (or ``PROMETHEUS_DISABLE_CREATED_SERIES`` unset, or any
+library calling ``enable_created_metrics()``) would turn ours back on.
 """
 from __future__ import annotations
 
@@ -13,6 +21,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
 
 NS = "comfy_ws_proxy"
 
@@ -37,9 +46,29 @@ def type_class(kind: str) -> str:
     return _EVENT_CLASS.get(kind, "other")
 
 
+class _WithoutCreated:
+    """A registry's families minus the ``_created`` samples of counters, histograms and
+    summaries, whatever prometheus_client's process-wide switch says (see the module doc)."""
+
+    _WITH_CREATED = ("counter", "histogram", "summary", "gaugehistogram")
+
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+
+    def collect(self):
+        for family in self.registry.collect():
+            if family.type in self._WITH_CREATED:
+                created = family.name + "_created"
+                kept = Metric(family.name, family.documentation, family.type, family.unit)
+                kept.samples = [s for s in family.samples if s.name != created]
+                family = kept
+            yield family
+
+
 class Metrics:
     def __init__(self):
         self.registry = r = CollectorRegistry(auto_describe=True)
+        self._exported = _WithoutCreated(r)
         self.started = time.monotonic()
         self.sessions = Gauge(f"{NS}_sessions", "Sessions held (connected or not)", registry=r)
         self.connections = Gauge(f"{NS}_connections", "Client WebSocket connections open", registry=r)
@@ -92,7 +121,7 @@ class Metrics:
             self.breaker_state.labels(backend, s).set(1 if s == state else 0)
 
     def exposition(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        return generate_latest(self._exported), CONTENT_TYPE_LATEST
 
 
 def memory_usage() -> dict:

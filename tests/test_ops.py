@@ -2,7 +2,11 @@
 secret, the pinned Prometheus names."""
 import json
 
+from prometheus_client import CollectorRegistry, Counter, disable_created_metrics, enable_created_metrics, \
+    generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+
+from comfy_ws_proxy.metrics import Metrics
 
 from .helpers import ProxyHarness, workflow
 
@@ -75,7 +79,8 @@ async def test_prometheus_text_with_the_secret_and_pinned_names(io_loop):
         for family in text_string_to_metric_families(text):
             assert family.name.startswith("comfy_ws_proxy_")
             if family.type == "counter":
-                assert all(s.name.endswith(("_total", "_created")) for s in family.samples)
+                assert all(s.name.endswith("_total") for s in family.samples)
+        assert "_created" not in text
         assert 'comfy_ws_proxy_prompts_total{outcome="success"} 1.0' in text
         assert (await h.get("/metrics/prometheus", SECRET)).code == 200
 
@@ -84,3 +89,26 @@ async def test_prometheus_can_be_public_on_its_own_path(io_loop):
     async with ProxyHarness(metrics_secret="s3cret-metrics-value", metrics_public=True) as h:
         assert (await h.get("/metrics/prometheus")).code == 200
         assert (await h.get("/metrics")).code == 401  # the JSON document stays behind the secret
+
+
+def test_no_created_series_whatever_the_process_wide_switch_and_the_hosts_own_untouched():
+    """prometheus_client's _created switch is global: with it on (its default, and what a host
+    application embedding the proxy may rely on), the proxy exports none, and a host registry
+    beside it keeps its own."""
+    host = CollectorRegistry()
+    Counter("host_requests", "A host application's counter", registry=host).inc()
+    was_on = b"host_requests_created" in generate_latest(host)
+    enable_created_metrics()
+    try:
+        metrics = Metrics()
+        metrics.prompts.labels("success").inc()
+        metrics.loop_lag.observe(0.01)
+        metrics.comfy_duration.labels("default", "ok").observe(0.2)
+        body, _ = metrics.exposition()
+        names = {s.name for family in text_string_to_metric_families(body.decode()) for s in family.samples}
+        assert "comfy_ws_proxy_prompts_total" in names and "comfy_ws_proxy_event_loop_lag_seconds_count" in names
+        assert not [name for name in names if name.endswith("_created")]
+        assert b"host_requests_created" in generate_latest(host)
+    finally:
+        if not was_on:
+            disable_created_metrics()
