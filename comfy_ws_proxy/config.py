@@ -246,13 +246,13 @@ def _convert(option: Option, raw: Any, where: str) -> Any:
         if not isinstance(raw, str):
             raise bad(f"expected a string, got {raw!r}")
         value = raw.strip()
-    if option.minimum is not None and option.maximum is not None \
-            and not option.minimum <= value <= option.maximum:
-        raise bad(f"must be between {option.minimum:g} and {option.maximum:g}, got {value!r}")
-    if option.minimum is not None and value < option.minimum:
-        raise bad(f"must be at least {option.minimum:g}, got {value!r}")
-    if option.maximum is not None and value > option.maximum:
-        raise bad(f"must be at most {option.maximum:g}, got {value!r}")
+    low, high = option.minimum, option.maximum
+    if low is not None and high is not None and not low <= value <= high:
+        raise bad(f"must be between {low:g} and {high:g}, got {value!r}")
+    if low is not None and value < low:
+        raise bad(f"must be at least {low:g}, got {value!r}")
+    if high is not None and value > high:
+        raise bad(f"must be at most {high:g}, got {value!r}")
     if option.choices and value not in option.choices:
         raise bad(f"must be one of {', '.join(option.choices)}, got {value!r}")
     return value
