@@ -8,19 +8,14 @@ import os
 import signal
 import sys
 
-from tornado.httpserver import HTTPServer
-
 from .app import make_app
 from .auth import KeySetupError
 from .config import ConfigError, describe, load_settings
 from .logs import configure_logging
+from .server import LimitedHTTPServer, descriptor_budget, raise_descriptor_limit
 from .store import StoreOpenError
 
 log = logging.getLogger("comfy_ws_proxy")
-
-# An idle keep-alive HTTP connection is closed after this long: above the keepalive_timeout of
-# nginx's upstream connections (60 s by default), so nginx, not the proxy, ends them first.
-IDLE_HTTP_CONNECTION_S = 75
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,13 +33,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def serve(settings) -> int:
+    soft_limit_before = raise_descriptor_limit()
     try:
         app, state = make_app(settings)
     except StoreOpenError as e:  # a missing folder, a directory, a store in use
         raise ConfigError(f"STORE_PATH: {e}") from None
     except KeySetupError as e:  # an unusable key file, keys that fit no allowed algorithm
         raise ConfigError(f"{e.option}: {e}") from None
-    server = HTTPServer(app, xheaders=settings.trust_forwarded, idle_connection_timeout=IDLE_HTTP_CONNECTION_S)
+    budget = descriptor_budget()
+    server = LimitedHTTPServer.from_settings(app, settings, metrics=state.metrics, budget=budget)
     try:
         server.listen(settings.port, settings.host)
     except OSError as e:
@@ -57,6 +54,8 @@ async def serve(settings) -> int:
     gc.freeze()
     log.info("comfy_ws_proxy %s listening on http://%s:%d/ws, ComfyUI at %s", state.version, settings.host,
              settings.port, settings.comfy_url)
+    for level, message in budget.report(settings.max_tcp_connections, raised_from=soft_limit_before):
+        log.log(level, "%s", message)
     log.debug("settings: %s", dict(describe(settings)))
     if settings.dev_mode:
         log.warning("DEV_MODE is on: development defaults are allowed. Never run production like this.")

@@ -54,6 +54,10 @@ access_log = logging.getLogger("comfy_ws_proxy.access")
 # most this late after the open period ends (and never later than one open period).
 PROBE_CHECK_MS = 500
 
+# Calls to ComfyUI in flight at once (POSTs, /history, /outputs streams, probes): each holds a
+# descriptor, which server.RESERVED_DESCRIPTORS keeps aside from users.
+HTTP_CLIENT_MAX_CLIENTS = 100
+
 
 class LoopLagMonitor:
     """Measures how late a PeriodicCallback runs: the IOLoop's scheduling lag."""
@@ -89,7 +93,7 @@ class ProxyState:
         self.clock = clock
         self.version = __version__
         self.metrics = Metrics()
-        self.http = http_client or AsyncHTTPClient(force_instance=True, max_clients=100)
+        self.http = http_client or AsyncHTTPClient(force_instance=True, max_clients=HTTP_CLIENT_MAX_CLIENTS)
         self._own_http = http_client is None
         breaker = CircuitBreaker(failure_threshold=settings.breaker_failure_threshold,
                                  open_seconds=settings.breaker_open_ms / 1000,

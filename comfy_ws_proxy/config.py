@@ -18,6 +18,12 @@ from typing import Any, Iterable, Mapping, Sequence
 
 DEFAULT_METRICS_SECRET = "dev-metrics-secret"
 
+# An idle keep-alive HTTP connection is closed after this long: above the keepalive_timeout of
+# nginx's upstream connections (60 s by default), so nginx, not the proxy, ends them first.
+# Tornado applies it to every request header, the first included (server.py; the first has
+# FIRST_REQUEST_TIMEOUT_S).
+IDLE_HTTP_CONNECTION_S = 75
+
 
 class ConfigError(Exception):
     """A bad configuration value; ``str()`` is the one line shown to the operator."""
@@ -64,6 +70,22 @@ OPTIONS: tuple[Option, ...] = (
     _opt("shutdown_grace_ms", "int", 10000,
          "On SIGTERM, how long in-flight ComfyUI calls may take before the process exits.", minimum=0),
     _opt("demo_page", "bool", False, "Serve the browser demo page at /demo."),
+    # --- TCP connections (before HTTP, before any upgrade) ----------------------------------
+    _opt("max_tcp_connections", "int", 0,
+         "TCP connections the server holds at once (HTTP and WebSocket, authenticated or not). At the cap "
+         "a new one takes the place of the connection idle longest (no request yet, or keep-alive between "
+         "requests); with none idle it is refused. 0: what RLIMIT_NOFILE allows at 2 descriptors each.",
+         minimum=0),
+    _opt("max_tcp_connections_per_address", "int", 200,
+         "TCP connections one peer address may hold (0: no cap). Not for loopback peers, nor with "
+         "TRUST_FORWARDED (the peer is then a proxy: limit per client there).", minimum=0),
+    _opt("first_request_timeout_s", "float", 10.0,
+         "A new TCP connection that has not sent a complete request header within this time is closed "
+         "(between requests, keep-alive connections may idle 75 s).", minimum=0.1),
+    _opt("connection_log_interval_s", "float", 10.0,
+         "At most one warning per this interval about failed accepts (out of descriptors) and one about "
+         "connections shed or refused at the caps; each counts what happened since the previous.",
+         minimum=0.01),
     # --- ComfyUI ----------------------------------------------------------------------------
     _opt("comfy_url", "str", "", "Base URL of ComfyUI, e.g. http://127.0.0.1:8188 (required).",
          env=("COMFY_URL", "COMFYUI_URL"), required=True),
@@ -441,6 +463,13 @@ def validate(s: "Settings") -> None:
         raise ConfigError("WS_PING_TIMEOUT_S: must be <= WS_PING_INTERVAL_S")
     if s.breaker_max_open_ms < s.breaker_open_ms:
         raise ConfigError("BREAKER_MAX_OPEN_MS: must be >= BREAKER_OPEN_MS")
+    if s.first_request_timeout_s > IDLE_HTTP_CONNECTION_S:
+        raise ConfigError(f"FIRST_REQUEST_TIMEOUT_S: must be at most {IDLE_HTTP_CONNECTION_S} (the keep-alive idle "
+                          f"timeout, which also bounds every request header)")
+    if (not s.trust_forwarded and s.max_tcp_connections_per_address and s.max_connections_per_ip
+            and s.max_connections_per_ip > s.max_tcp_connections_per_address):
+        raise ConfigError(f"MAX_CONNECTIONS_PER_IP: {s.max_connections_per_ip} WebSockets per address cannot fit "
+                          f"in MAX_TCP_CONNECTIONS_PER_ADDRESS={s.max_tcp_connections_per_address} TCP connections")
 
 
 def _check_url_port(name: str, url: str) -> None:

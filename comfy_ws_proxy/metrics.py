@@ -33,6 +33,9 @@ AUTH_REASONS = ("missing_token", "malformed", "alg_not_allowed", "unknown_kid", 
                 "not_yet_valid", "bad_issuer", "bad_audience", "missing_claim", "invalid", "timeout",
                 "origin", "too_many_connections_ip")
 BREAKER_STATES = ("closed", "half_open", "open")
+# Why the server closed a TCP connection itself (server.py), and its accept errors.
+TCP_DROP_REASONS = ("shed_idle", "over_total", "over_address", "first_request_timeout")
+ACCEPT_ERRORS = ("EMFILE", "ENFILE", "ENOBUFS", "ENOMEM", "other")
 
 _EVENT_CLASS = {
     "status": "status", "progress": "progress", "progress_state": "progress",
@@ -91,6 +94,13 @@ class Metrics:
                                      registry=r)
         self.slow_consumers = Counter(f"{NS}_slow_consumer_closes_total",
                                       "Clients closed because they stopped reading", registry=r)
+        self.tcp_connections = Gauge(f"{NS}_tcp_connections",
+                                     "TCP connections held by the server (HTTP and WebSocket)", registry=r)
+        self.tcp_dropped = Counter(f"{NS}_tcp_connections_dropped_total",
+                                   "TCP connections the server closed or refused for its limits", ["reason"],
+                                   registry=r)
+        self.accept_errors = Counter(f"{NS}_accept_errors_total", "Failed accepts (EMFILE: out of descriptors)",
+                                     ["error"], registry=r)
         self.http_duration = Histogram(f"{NS}_http_request_duration_seconds", "HTTP request durations",
                                        ["handler", "method", "code"], registry=r)
         self.comfy_duration = Histogram(f"{NS}_comfy_request_duration_seconds", "Calls to ComfyUI",
@@ -110,6 +120,10 @@ class Metrics:
             self.auth_failures.labels(reason)
         for outcome in ("ok", "error"):
             self.jwks_fetches.labels(outcome)
+        for reason in TCP_DROP_REASONS:
+            self.tcp_dropped.labels(reason)
+        for error in ACCEPT_ERRORS:
+            self.accept_errors.labels(error)
 
     def relayed(self, direction: str, kind_class: str, size: int) -> None:
         messages, relayed_bytes = self._relay[direction, kind_class]

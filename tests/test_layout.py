@@ -22,7 +22,8 @@ ALLOWED = {
     "api": BASE | {"jobs", "backends"},
     "client": {"gateway", "model"},
     "app": BASE | {"store", "backends", "jobs", "gateway", "api", "__init__"},
-    "__main__": BASE | {"app", "store"},
+    "server": {"config", "metrics"},
+    "__main__": BASE | {"app", "store", "server"},
     "testing": set(),
     "__init__": set(),
 }
