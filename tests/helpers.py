@@ -17,12 +17,12 @@ import tempfile
 from typing import Any, Callable
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
-from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 from tornado.websocket import websocket_connect
 
 from comfy_ws_proxy.app import make_app
 from comfy_ws_proxy.config import settings_for_tests
+from comfy_ws_proxy.server import LimitedHTTPServer
 from comfy_ws_proxy.testing.tokens import DevKey
 
 WORKFLOWS = os.path.join(os.path.dirname(__file__), "..", "comfy_ws_proxy", "testing", "workflows")
@@ -193,7 +193,7 @@ class ProxyHarness:
         self.app, self.state = make_app(self.settings, **kwargs)
         sockets = bind_sockets(port, "127.0.0.1")
         self.port = sockets[0].getsockname()[1]
-        self.server = HTTPServer(self.app, xheaders=self.settings.trust_forwarded)
+        self.server = LimitedHTTPServer.from_settings(self.app, self.settings, metrics=self.state.metrics)
         self.server.add_sockets(sockets)
         self.state.start()
 

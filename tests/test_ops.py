@@ -19,7 +19,8 @@ PINNED_NAMES = {
     "comfy_ws_proxy_jwks_fetches", "comfy_ws_proxy_auth_failures", "comfy_ws_proxy_client_errors",
     "comfy_ws_proxy_slow_consumer_closes", "comfy_ws_proxy_http_request_duration_seconds",
     "comfy_ws_proxy_comfy_request_duration_seconds", "comfy_ws_proxy_event_loop_lag_seconds",
-    "comfy_ws_proxy_uptime_seconds",
+    "comfy_ws_proxy_uptime_seconds", "comfy_ws_proxy_tcp_connections", "comfy_ws_proxy_tcp_connections_dropped",
+    "comfy_ws_proxy_accept_errors",
 }
 
 
