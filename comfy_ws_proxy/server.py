@@ -245,7 +245,6 @@ class LimitedHTTPServer(HTTPServer):
         self.clock = clock
         self.connection_count = 0
         self._accepted = 0  # connections accepted so far (a TrackedSocket's seq)
-        self._round_start = 0  # the seq of the first connection of the current accept round
         self.per_address: collections.Counter[str] = collections.Counter()
         # Idle connections, longest idle first: not yet a complete first request header, and
         # keep-alive connections between requests. (dicts: ordered sets)
@@ -310,10 +309,11 @@ class LimitedHTTPServer(HTTPServer):
 
     def _accept_ready(self, listener: socket.socket, events: int) -> None:
         retried = False
-        # A connection accepted in this same round is never closed to make room: an EMFILE
-        # does not mean a connection waits (Linux checks for a free descriptor first), and
-        # among the arrivals of one burst, closing one for another gains nothing.
-        self._round_start = round_start = self._accepted
+        # Out of descriptors, a connection accepted in this same round is not closed to make
+        # room: an EMFILE does not mean that a connection waits (Linux looks for a free
+        # descriptor first), and the one just accepted would be closed for nothing. (The next
+        # round, after a pause, may.) At the cap a connection does wait: oldest idle first.
+        round_start = self._accepted
         for _ in range(ACCEPT_BATCH):
             try:
                 conn, address = listener.accept()
@@ -366,7 +366,7 @@ class LimitedHTTPServer(HTTPServer):
             conn.close()
             return self._over_cap("over_address")
         if self.connection_count >= self.max_connections:
-            if not self._shed_oldest_idle(accepted_before=self._round_start):
+            if not self._shed_oldest_idle():
                 conn.close()
                 return self._over_cap("over_total")
             self._over_cap("shed_idle")
