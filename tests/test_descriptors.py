@@ -71,7 +71,7 @@ def close_all(connections) -> None:
 
 
 async def test_at_the_cap_the_limit_allows_idle_connections_make_room(io_loop, tmp_path):
-    proxy = LimitedProxyProcess(tmp_path, 300, metrics_public="true", connection_log_interval_s="0.5")
+    proxy = LimitedProxyProcess(tmp_path, 300, metrics_public="true", connection_log_interval_s="60")
     attacker = []
     try:
         await proxy.start()
@@ -83,13 +83,14 @@ async def test_at_the_cap_the_limit_allows_idle_connections_make_room(io_loop, t
         assert await closed_by_server(attacker[0][0])
         metrics = await proxy_metrics(proxy.port)
         assert metrics["comfy_ws_proxy_tcp_connections"] <= cap
-        assert metrics['comfy_ws_proxy_tcp_connections_dropped_total{reason="shed_idle"}'] >= cap
+        assert metrics['comfy_ws_proxy_tcp_connections_dropped_total{reason="shed_idle"}'] >= 2  # (and more)
         assert metrics['comfy_ws_proxy_accept_errors_total{error="EMFILE"}'] == 0  # the cap came first
     finally:
         close_all(attacker)
         await proxy.stop()
     assert not any("cannot accept" in line for line in proxy.lines)
-    assert len(proxy.server_lines()) <= 3  # "at the connection caps", at most one per 0.5 s
+    [line] = proxy.server_lines()  # "at the connection caps ...": one per 60 s at most
+    assert "at the connection caps" in line
     assert not any("Traceback" in line for line in proxy.lines)
 
 
@@ -131,7 +132,8 @@ async def test_out_of_descriptors_no_spin_no_flood_and_health_answers_again(io_l
     finally:
         close_all(attacker)
         await proxy.stop()
-    assert len(proxy.lines) < 100, "".join(proxy.lines[-20:])  # (a flood: thousands per second)
+    # (A flood is thousands of lines a second; the proxy writes about one a second here.)
+    assert len(proxy.server_lines()) < 100 and len(proxy.lines) < 1000, "".join(proxy.lines[-20:])
     assert not any("Traceback" in line or "Exception in callback" in line for line in proxy.lines)
 
 
