@@ -21,7 +21,7 @@ DEFAULT_METRICS_SECRET = "dev-metrics-secret"
 # An idle keep-alive HTTP connection is closed after this long: above the keepalive_timeout of
 # nginx's upstream connections (60 s by default), so nginx, not the proxy, ends them first.
 # Tornado applies it to every request header, the first included (server.py; the first has
-# FIRST_REQUEST_TIMEOUT_S).
+# FIRST_REQUEST_TIMEOUT_S, at most this).
 IDLE_HTTP_CONNECTION_S = 75
 
 
@@ -81,7 +81,8 @@ OPTIONS: tuple[Option, ...] = (
          "TRUST_FORWARDED (the peer is then a proxy: limit per client there).", minimum=0),
     _opt("first_request_timeout_s", "float", 10.0,
          "A new TCP connection that has not sent a complete request header within this time is closed "
-         "(between requests, keep-alive connections may idle 75 s).", minimum=0.1),
+         "(at most the 75 s keep-alive idle timeout, which Tornado applies to every request header).",
+         minimum=0.1, maximum=IDLE_HTTP_CONNECTION_S),
     _opt("connection_log_interval_s", "float", 10.0,
          "At most one warning per this interval about failed accepts (out of descriptors) and one about "
          "connections shed or refused at the caps; each counts what happened since the previous.",
@@ -463,9 +464,6 @@ def validate(s: "Settings") -> None:
         raise ConfigError("WS_PING_TIMEOUT_S: must be <= WS_PING_INTERVAL_S")
     if s.breaker_max_open_ms < s.breaker_open_ms:
         raise ConfigError("BREAKER_MAX_OPEN_MS: must be >= BREAKER_OPEN_MS")
-    if s.first_request_timeout_s > IDLE_HTTP_CONNECTION_S:
-        raise ConfigError(f"FIRST_REQUEST_TIMEOUT_S: must be at most {IDLE_HTTP_CONNECTION_S} (the keep-alive idle "
-                          f"timeout, which also bounds every request header)")
     if (not s.trust_forwarded and s.max_tcp_connections_per_address and s.max_connections_per_ip
             and s.max_connections_per_ip > s.max_tcp_connections_per_address):
         raise ConfigError(f"MAX_CONNECTIONS_PER_IP: {s.max_connections_per_ip} WebSockets per address cannot fit "
