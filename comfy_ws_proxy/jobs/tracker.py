@@ -196,6 +196,8 @@ class JobTracker:
 
     def flush(self) -> None:
         """Write what the store could not take before (called on the watchdog's tick)."""
+        if not self.unsaved:
+            return
         for job in list(self.unsaved.values()):
             try:
                 self.store.save(job)
