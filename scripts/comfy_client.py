@@ -62,7 +62,8 @@ async def run(args) -> int:
         print(json.dumps(result.error, indent=2)[:2000])
     for node_id, output in sorted(result.outputs.items()):
         for image in (output or {}).get("images", []):
-            print(f"  node {node_id}: {image.get('type')}/{image.get('subfolder') or ''}{image.get('filename')}")
+            folder = f"{image['subfolder']}/" if image.get("subfolder") else ""
+            print(f"  node {node_id}: {image.get('type')}/{folder}{image.get('filename')}")
     return 0 if result.status == "success" else 1
 
 

@@ -78,6 +78,8 @@ def test_quickstart_moves_off_taken_default_ports_and_ends_with_a_running_proxy(
         assert sim_port not in (8188, 8190) and proxy_port not in (8188, 8190) and sim_port != proxy_port
         assert f"ComfyUI at http://127.0.0.1:{sim_port}" in output
         assert re.search(r"prompt [0-9a-f-]{36}: success", output), output
+        # the outputs, in the user's own folder (ISOLATE_USERS), named as a path
+        assert len(re.findall(r"node 4: output/u_[0-9a-f]{24}/proxyprobe_ws_\d{5}_\.png", output)) == 3, output
         assert f"The proxy is running at http://127.0.0.1:{proxy_port}" in output
         assert f"the demo page: http://127.0.0.1:{proxy_port}/demo" in output
         # Whatever held the default ports was not used for the run.
