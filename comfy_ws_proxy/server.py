@@ -251,6 +251,9 @@ class LimitedHTTPServer(HTTPServer):
         self._fresh: dict[TrackedSocket, None] = {}
         self._between: dict[TrackedSocket, None] = {}
         self._listeners: list[socket.socket] = []
+        # Called after every change of the counts above (a connection admitted, idle or
+        # closed, an accept error): lets a caller wait for them without polling.
+        self.changed: Callable[[], None] = lambda: None
         self._io_loop: IOLoop | None = None
         self._resume: object | None = None  # the call_later handle while accepting is paused
         self._accept_log = LogThrottle(log_interval)
@@ -339,6 +342,7 @@ class LimitedHTTPServer(HTTPServer):
         """Count it; one warning per interval at most, with what happened since the last."""
         if self.metrics is not None:
             self.metrics.accept_errors.labels(name).inc()
+        self.changed()
         counts = self._accept_log.note(self.clock(), error.strerror or name, outcome)
         if counts is not None:
             shed, paused = counts.pop("shed", 0), counts.pop("paused", 0)
@@ -380,6 +384,7 @@ class LimitedHTTPServer(HTTPServer):
         self._fresh[sock] = None
         sock.stream = IOStream(sock, max_buffer_size=self.max_buffer_size, read_chunk_size=self.read_chunk_size)
         self.handle_stream(sock.stream, address)
+        self.changed()
 
     # --- idle connections ------------------------------------------------------------------------
     def _oldest_idle(self) -> TrackedSocket | None:
@@ -434,6 +439,7 @@ class LimitedHTTPServer(HTTPServer):
         if sock.requested:  # a keep-alive connection, waiting for its next request
             sock.idle_since = self.clock()
             self._between[sock] = None
+            self.changed()
         return _RequestWatch(delegate, self, sock)
 
     def _busy(self, sock: TrackedSocket) -> None:
@@ -457,6 +463,7 @@ class LimitedHTTPServer(HTTPServer):
             self.per_address[sock.peer] -= 1
             if self.per_address[sock.peer] <= 0:
                 del self.per_address[sock.peer]
+        self.changed()
 
 
 __all__ = ["LimitedHTTPServer", "DescriptorBudget", "descriptor_budget", "raise_descriptor_limit", "capped_peer",

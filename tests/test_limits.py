@@ -52,12 +52,20 @@ async def closed_by_server(reader) -> bool:
         return True
 
 
-async def until(predicate) -> None:
-    """Let the loop run until ``predicate()`` holds (server-side bookkeeping a step behind)."""
+async def until(server: LimitedHTTPServer, predicate) -> None:
+    """Wait until ``predicate()`` holds: re-checked each time the server's bookkeeping
+    changes (it runs a step behind the client's view)."""
+    pulse = asyncio.Event()
+    server.changed = pulse.set
+
     async def wait():
         while not predicate():
-            await asyncio.sleep(0)
-    await asyncio.wait_for(wait(), TIMEOUT)
+            pulse.clear()
+            await pulse.wait()
+    try:
+        await asyncio.wait_for(wait(), TIMEOUT)
+    finally:
+        server.changed = lambda: None
 
 
 def dropped(metrics: Metrics, reason: str) -> float:
@@ -144,7 +152,7 @@ async def test_keep_alive_connections_between_requests_make_room_too(io_loop):
             writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
             await asyncio.wait_for(reader.readuntil(b"ok"), TIMEOUT)
             kept.append(reader)
-        await until(lambda: s.server.idle_count == 3)  # each waits for its next request
+        await until(s.server, lambda: s.server.idle_count == 3)  # each waits for its next request
         assert await get(s.port) == 200
         assert await closed_by_server(kept[0])
         assert dropped(s.metrics, "shed_idle") == 1
@@ -187,7 +195,7 @@ async def test_the_per_address_cap_refuses_that_address_only(io_loop):
         assert await get(s.port, source="127.0.0.1") == 0
         assert dropped(s.metrics, "over_address") == 1 and s.server.per_address == {"127.0.0.1": 3}
         held[0][1].close()
-        await until(lambda: s.server.per_address["127.0.0.1"] == 2)
+        await until(s.server, lambda: s.server.per_address["127.0.0.1"] == 2)
         assert await get(s.port, source="127.0.0.1") == 200
 
 
@@ -244,7 +252,7 @@ async def test_out_of_descriptors_an_idle_connection_makes_room_else_accepting_p
         pending = asyncio.ensure_future(get(failing.port))  # waits in the failing listener's backlog
         assert await closed_by_server(silent)  # the idle one made room
         # Then, nothing idle: accepting pauses, resumes, fails, pauses... (a few rounds)
-        await until(lambda: accept_errors(s.metrics, "EMFILE") >= 4)
+        await until(s.server, lambda: accept_errors(s.metrics, "EMFILE") >= 4)
         failing.error = None
         assert await pending == 200  # accepting resumed
         assert await get(s.port) == 200
