@@ -15,6 +15,7 @@ from tornado.ioloop import PeriodicCallback
 
 from . import __version__
 from .api.demo import DemoHandler, DemoWorkflowHandler
+from .api.events import JobEvents, JobEventsHandler
 from .api.jobs import (
     GenerateHandler,
     JobCancelHandler,
@@ -123,6 +124,7 @@ class ProxyState:
                                   settings, clock, self.isolation)
         self.downloads = DownloadSlots(settings.max_downloads_per_user)
         self.idempotency_in_flight: set[tuple[str, str]] = set()  # (owner, key) being accepted now
+        self.job_events: list = []  # the event logs of the routes mounted (JobEvents)
         # the WebSocket face
         self.registry = SessionRegistry(settings, self.service, self.metrics, clock)
         # A link is kept while its user has a socket open or a job not yet finished.
@@ -189,6 +191,8 @@ class ProxyState:
         self.lag_monitor.stop()
         self.pinger.stop()
         self.service.stop()
+        for events in self.job_events:
+            events.close()
         self.registry.stop()
         self.pool.stop()
         await self.links.close_all()
@@ -215,8 +219,9 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
 def routes(state: ProxyState, prefix: str = "") -> list:
     prefix = prefix.rstrip("/")
     kw = state.handler_kwargs()
-    jobs_kw = {**state.user_kwargs(), "service": state.service, "settings": state.settings,
-               "views": JobViews(state.service, state.settings, prefix)}
+    views = JobViews(state.service, state.settings, prefix)
+    jobs_kw = {**state.user_kwargs(), "service": state.service, "settings": state.settings, "views": views}
+    state.job_events.append(JobEvents(state.service, views, state.settings))
     return [
         (prefix + r"/ws", ClientConnection, state.ws_kwargs()),
         (prefix + r"/health", HealthHandler, kw),
@@ -228,6 +233,9 @@ def routes(state: ProxyState, prefix: str = "") -> list:
         (prefix + r"/jobs/?", JobsHandler, {**jobs_kw, "in_flight": state.idempotency_in_flight}),
         (prefix + r"/jobs?/([0-9a-f-]{36})", JobHandler, jobs_kw),
         (prefix + r"/jobs?/([0-9a-f-]{36})/cancel", JobCancelHandler, jobs_kw),
+        (prefix + r"/jobs?/([0-9a-f-]{36})/events", JobEventsHandler,
+         {**state.user_kwargs(), "service": state.service, "events": state.job_events[-1],
+          "settings": state.settings}),
         (prefix + r"/jobs?/([0-9a-f-]{36})/(?:image|outputs)/([^/]{1,64})/([0-9]{1,6})", JobImageHandler,
          {**state.user_kwargs(), "service": state.service, "pool": state.pool, "isolation": state.isolation,
           "downloads": state.downloads, "stall_timeout": state.settings.download_stall_timeout_s}),

@@ -67,7 +67,18 @@ class JobViews:
 
     def urls(self, job: Job) -> dict:
         me = self.job_url(job.job_id)
-        return {"self": me, "cancel": me + "/cancel", "outputs": f"{self.prefix}/outputs/{job.job_id}"}
+        return {"self": me, "cancel": me + "/cancel", "events": me + "/events",
+                "outputs": f"{self.prefix}/outputs/{job.job_id}"}
+
+    def status(self, job: Job) -> dict:
+        return {"status": STATUS.get(job.state, "failed"), "state": job.state,
+                "queue_position": self.service.queue_position(job)}
+
+    def progress(self, job: Job) -> dict:
+        return self._progress(job, (job.payload or {}).get("prompt") or {})
+
+    def outputs(self, job: Job) -> list[dict]:
+        return self._outputs(job)
 
     def view(self, job: Job) -> dict:
         prompt = (job.payload or {}).get("prompt") or {}
