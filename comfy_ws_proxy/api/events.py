@@ -17,6 +17,7 @@ proxies from timing the stream out (SSE_HEARTBEAT_S).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import uuid
 from collections import deque
@@ -52,7 +53,8 @@ class JobLog:
             return [] if offset == self.next_offset - 1 else None
         if not self.events or self.events[0][0] > offset + 1:
             return None
-        return [e for e in self.events if e[0] > offset]
+        # offsets in the log are consecutive: the first wanted one is found by arithmetic
+        return list(itertools.islice(self.events, offset + 1 - self.events[0][0], None))
 
 
 class JobEvents:
