@@ -44,6 +44,7 @@ from .jobs.isolation import UserIsolation
 from .jobs.queue import JobQueue
 from .jobs.reconcile import Reconciler
 from .jobs.service import JobService
+from .jobs.webhooks import WebhookSender
 from .jobs.tracker import JobTracker
 from .metrics import Metrics
 from .store import StoreError, open_store
@@ -120,8 +121,12 @@ class ProxyState:
                                        shared_cache_nodes=settings.shared_cache_nodes,
                                        shared_input_folder=settings.shared_input_folder) \
             if settings.isolate_users else None
+        self.webhooks = WebhookSender(self.store, settings, wall, settings.public_url)
+        if self.webhooks.enabled:
+            self.tracker.webhook_message = self.webhooks.message
+            self.tracker.outbox_listeners.append(self.webhooks.tick)
         self.service = JobService(self.tracker, self.queue, self.reconciler, self.pool, self.links, self.metrics,
-                                  settings, clock, self.isolation)
+                                  settings, clock, self.isolation, self.webhooks if self.webhooks.enabled else None)
         self.downloads = DownloadSlots(settings.max_downloads_per_user)
         self.idempotency_in_flight: set[tuple[str, str]] = set()  # (owner, key) being accepted now
         self.job_events: list = []  # the event logs of the routes mounted (JobEvents)
@@ -178,6 +183,8 @@ class ProxyState:
         self.service.start()
         self.lag_monitor.start()
         self.pinger.start()
+        if self.webhooks.enabled:
+            self.webhooks.start()
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful stop: refuse new sockets, tell clients, let in-flight ComfyUI calls
@@ -191,6 +198,7 @@ class ProxyState:
         self.lag_monitor.stop()
         self.pinger.stop()
         self.service.stop()
+        await self.webhooks.stop()
         for events in self.job_events:
             events.close()
         self.registry.stop()

@@ -187,6 +187,19 @@ OPTIONS: tuple[Option, ...] = (
          "Events kept per watched job for Last-Event-ID resume (beyond: a snapshot).", minimum=1),
     _opt("sse_log_retention_s", "float", 600.0,
          "How long a watched job's events are kept after it ended.", minimum=0),
+    _opt("public_url", "str", "",
+         "The proxy's public base URL (with any path prefix), for absolute links in webhooks; empty: paths."),
+    _opt("webhook_secrets", "list", [],
+         "Webhook signing secrets, whsec_<base64> (comma-separated: each signs, for key rotation); "
+         "empty: webhooks are off."),
+    _opt("webhook_default_url", "str", "", "Webhook URL of jobs that name none (empty: none)."),
+    _opt("webhook_url_allowlist", "list", [],
+         "If set, a job's webhook_url must start with one of these prefixes."),
+    _opt("webhook_allow_private_hosts", "list", [],
+         "Webhook hosts allowed although they resolve to loopback/private addresses (e.g. an internal "
+         "service)."),
+    _opt("webhook_timeout_s", "float", 15.0, "Timeout of one webhook delivery attempt.", minimum=0.1),
+    _opt("webhook_max_in_flight", "int", 8, "Webhook deliveries in progress at once.", minimum=1),
     _opt("max_downloads_per_user", "int", 4,
          "/outputs downloads one user may have in progress at once (too_many_downloads).", minimum=1),
     _opt("download_stall_timeout_s", "float", 30.0,
@@ -436,6 +449,20 @@ def build_settings(values: Mapping[str, Any]) -> "Settings":
     return settings
 
 
+def _check_webhook_secret(secret: str) -> None:
+    """The Standard Webhooks form: whsec_ and the base64 of 24 to 64 random bytes."""
+    import base64
+    import binascii
+
+    try:
+        key = base64.b64decode(secret[len("whsec_"):], validate=True) if secret.startswith("whsec_") else b""
+    except (binascii.Error, ValueError):
+        key = b""
+    if not 24 <= len(key) <= 64:
+        raise ConfigError("WEBHOOK_SECRETS: each secret is whsec_<base64 of 24 to 64 random bytes>, e.g. "
+                          "whsec_$(head -c 32 /dev/urandom | base64)")
+
+
 def validate(s: "Settings") -> None:
     """Rules that involve more than one option or a value's shape."""
     from urllib.parse import urlsplit
@@ -467,6 +494,14 @@ def validate(s: "Settings") -> None:
         raise ConfigError(f"JWT_ALG_ALLOWLIST: {', '.join(bad_algs)} not allowed (only public-key algorithms)")
     if not s.jwt_alg_allowlist:
         raise ConfigError("JWT_ALG_ALLOWLIST: must name at least one algorithm")
+    for secret in s.webhook_secrets:
+        _check_webhook_secret(secret)
+    for name in ("webhook_default_url", "public_url"):
+        value = getattr(s, name)
+        if value and (urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).hostname):
+            raise ConfigError(f"{name.upper()}: expected an http(s) URL, got {value!r}")
+    if s.webhook_default_url and not s.webhook_secrets:
+        raise ConfigError("WEBHOOK_DEFAULT_URL: needs WEBHOOK_SECRETS (deliveries are signed)")
     if s.upstream_reconnect_max_ms < s.upstream_reconnect_min_ms:
         raise ConfigError("UPSTREAM_RECONNECT_MAX_MS: must be >= UPSTREAM_RECONNECT_MIN_MS")
     if s.ws_ping_interval_s and s.ws_ping_timeout_s > s.ws_ping_interval_s:

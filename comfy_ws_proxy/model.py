@@ -57,6 +57,7 @@ class Job:
     outputs: dict = field(default_factory=dict)  # node id -> ComfyUI's "executed" output
     result: dict | None = None  # the final event's data (error details), or the rejection
     told: bool = False        # the final outcome reached one of the owner's live sockets
+    webhook_url: str = ""     # where its final outcome is delivered ("" : nowhere)
 
     # --- this process only (never stored) ---
     gap: bool = field(default=False, compare=False)  # events may have been missed (restart, link drop)
@@ -67,6 +68,7 @@ class Job:
     interrupt_sent: bool = field(default=False, compare=False)  # the time limit's interrupt went out
     withdrawn: bool = field(default=False, compare=False)  # cancelled, then seen in ComfyUI: taken out
     answer: Any = field(default=None, compare=False)  # an Idempotency-Key's answer, stored with the job
+    outbox: Any = field(default=None, compare=False)  # a WebhookMessage, stored with the final state
     current: tuple | None = field(default=None, compare=False)  # running: (node, step, steps)
     nodes_done: set = field(default_factory=set, compare=False)  # executed or cached nodes
     nodes_total: int | None = field(default=None, compare=False)  # the prompt's size (kept when it is dropped)
@@ -89,6 +91,7 @@ class SubmitRequest:
     partial_execution_targets: list | None = None
     front: bool = False
     timeout_s: float | None = None  # this job's execution time limit (may only lower the option's)
+    webhook_url: str | None = None  # where to deliver the outcome (Standard Webhooks)
 
     def payload(self) -> dict:
         return {"prompt": self.prompt, "extra_data": self.extra_data,
@@ -104,6 +107,25 @@ class IdempotentAnswer:
     status: int
     body: str
     expires_at: float  # wall clock
+
+
+@dataclass(frozen=True)
+class WebhookMessage:
+    """One webhook delivery in the outbox: written with the job's final state, sent until a
+    2xx (at least once, the same ``message_id`` each time)."""
+    message_id: str
+    job_id: str
+    owner: str
+    url: str
+    type: str  # job.completed, job.failed, job.cancelled
+    body: str  # the exact bytes signed and sent
+
+
+# Our states as the public statuses (the jobs API, webhooks): the seed's five, plus timed_out.
+API_STATUS = {JobState.QUEUED: "pending", JobState.SUBMITTING: "pending", JobState.PENDING: "pending",
+              JobState.RUNNING: "processing", JobState.SUCCESS: "completed", JobState.ERROR: "failed",
+              JobState.REJECTED: "failed", JobState.LOST: "failed", JobState.INTERRUPTED: "cancelled",
+              JobState.CANCELLED: "cancelled", JobState.TIMED_OUT: "timed_out"}
 
 
 class ErrorCode:

@@ -18,15 +18,11 @@ from ..backends.backend import ComfyUnavailable
 from ..jobs.isolation import UserIsolation
 from ..jobs.service import JobService
 from ..jobs.submission import parse_submit
-from ..model import ErrorCode, IdempotentAnswer, Job, JobState, RequestError
+from ..model import API_STATUS, ErrorCode, IdempotentAnswer, Job, JobState, RequestError
 from .base import UserHandler
 from .outputs import FileDownload, job_files, listed_files
 
-# Our states as the API's statuses: the seed's five, plus timed_out.
-STATUS = {JobState.QUEUED: "pending", JobState.SUBMITTING: "pending", JobState.PENDING: "pending",
-          JobState.RUNNING: "processing", JobState.SUCCESS: "completed", JobState.ERROR: "failed",
-          JobState.REJECTED: "failed", JobState.LOST: "failed", JobState.INTERRUPTED: "cancelled",
-          JobState.CANCELLED: "cancelled", JobState.TIMED_OUT: "timed_out"}
+STATUS = API_STATUS
 STATUSES = frozenset(STATUS.values())
 CANCELLED = frozenset({JobState.CANCELLED, JobState.INTERRUPTED})
 

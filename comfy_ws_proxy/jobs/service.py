@@ -30,6 +30,7 @@ from ..model import (
 from ..store import StoreError
 from .isolation import UserIsolation
 from .queue import JobQueue
+from .webhooks import WebhookSender
 from .reconcile import Reconciler, locate
 from .tracker import JobTracker
 
@@ -65,9 +66,10 @@ class TokenBucket:
 class JobService:
     def __init__(self, tracker: JobTracker, queue: JobQueue, reconciler: Reconciler, pool: BackendPool,
                  links: LinkManager, metrics: Metrics, settings, clock: Callable[[], float],
-                 isolation: UserIsolation | None = None):
+                 isolation: UserIsolation | None = None, webhooks: WebhookSender | None = None):
         self.tracker = tracker
         self.isolation = isolation
+        self.webhooks = webhooks
         self.queue = queue
         self.reconciler = reconciler
         self.pool = pool
@@ -119,6 +121,11 @@ class JobService:
             raise RequestError(ErrorCode.INVALID_MESSAGE, "front is not allowed here (ALLOW_FRONT)",
                                prompt_id=request.prompt_id)
         job_id = request.prompt_id or str(uuid.uuid4())
+        webhook_url = ""
+        if self.webhooks is not None:
+            webhook_url = await self.webhooks.check(request.webhook_url, job_id)  # (it may resolve a name)
+        elif request.webhook_url:
+            raise RequestError(ErrorCode.INVALID_MESSAGE, "webhook_url cannot be used here", prompt_id=job_id)
         if self.tracker.id_taken(job_id):
             # Never reveal whose it is; never let a client attach to another user's job.
             raise RequestError(ErrorCode.INVALID_MESSAGE, "prompt_id is already in use", prompt_id=job_id)
@@ -132,7 +139,7 @@ class JobService:
                 e.prompt_id = job_id
                 raise
         job = Job(job_id, owner, JobState.QUEUED, request.payload(), created_at=self.tracker.wall(),
-                  updated_at=self.tracker.wall(), timeout_s=self._time_limit(request))
+                  updated_at=self.tracker.wall(), timeout_s=self._time_limit(request), webhook_url=webhook_url)
         job.last_heard = now
         job.nodes_total = len(request.prompt)
         if answer_for is not None:

@@ -1,9 +1,12 @@
 """Checking a submission, whichever face it came through (WebSocket or HTTP)."""
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 from ..model import ErrorCode, RequestError, SubmitRequest, is_canonical_uuid
 
 MAX_TIMEOUT_S = 7 * 24 * 3600  # a job's own time limit: a week at most
+MAX_URL = 2048
 
 
 def parse_submit(data: dict, max_prompt_nodes: int, node_allowlist: tuple[str, ...]) -> SubmitRequest:
@@ -41,5 +44,16 @@ def parse_submit(data: dict, max_prompt_nodes: int, node_allowlist: tuple[str, .
     if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
                                   or not 0 < timeout_s <= MAX_TIMEOUT_S):
         raise RequestError(ErrorCode.INVALID_MESSAGE, f"timeout_s must be a number of seconds in (0, {MAX_TIMEOUT_S}]")
+    webhook_url = data.get("webhook_url")
+    if webhook_url is not None:
+        try:
+            parts = urlsplit(webhook_url) if isinstance(webhook_url, str) and len(webhook_url) <= MAX_URL else None
+            parts and parts.port  # noqa: B018 - a bad port raises here
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.username:
+            raise RequestError(ErrorCode.INVALID_MESSAGE,
+                               f"webhook_url must be an http(s) URL of at most {MAX_URL} characters, without "
+                               "credentials")
     return SubmitRequest(prompt, prompt_id, extra_data, targets, front,
-                         float(timeout_s) if timeout_s is not None else None)
+                         float(timeout_s) if timeout_s is not None else None, webhook_url)

@@ -48,6 +48,10 @@ class JobTracker:
         # unless the operator shares them, a user is told the count of their own jobs instead,
         # when it changes (SHARE_COMFY_STATUS).
         self.share_comfy_status = share_comfy_status
+        # Builds a finished job's webhook message (the webhook sender's), and is told when one
+        # is in the store: the message is written with the final state, never without it.
+        self.webhook_message: Callable[[Job], object] | None = None
+        self.outbox_listeners: list[Callable[[], None]] = []
         self._queue_told: dict[str, int] = {}
         self.metrics = metrics
         self.clock = clock  # monotonic: last_heard
@@ -174,6 +178,8 @@ class JobTracker:
         if job.finished and old in JobState.UNFINISHED:
             job.payload = None  # the workflow is not needed once it ran; keep rows small
             job.finished_at = job.updated_at
+            if job.webhook_url and self.webhook_message is not None:
+                job.outbox = self.webhook_message(job)
         if state in PLACED:
             self.placed[job.backend] += 1
             self.placed_by_owner[job.owner] += 1
@@ -193,6 +199,13 @@ class JobTracker:
             return
         self.store_failing = False
         self.unsaved.pop(job.job_id, None)
+        self._outbox_written(job)
+
+    def _outbox_written(self, job: Job) -> None:
+        if job.outbox is not None:
+            job.outbox = None
+            for listener in list(self.outbox_listeners):
+                listener()
 
     def flush(self) -> None:
         """Write what the store could not take before (called on the watchdog's tick)."""
@@ -205,6 +218,7 @@ class JobTracker:
                 return  # still failing: the next tick tries again
             self.store_failing = False
             del self.unsaved[job.job_id]
+            self._outbox_written(job)
         if not self.unsaved:
             log.info("store writes work again")
 

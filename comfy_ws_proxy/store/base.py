@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Iterable, Protocol
 
-from ..model import IdempotentAnswer, Job
+from ..model import IdempotentAnswer, Job, WebhookMessage
 
 
 class StoreError(Exception):
@@ -44,6 +44,23 @@ class JobStore(Protocol):
     def client_id(self, owner: str, backend: str) -> str:
         """ComfyUI's client id for this (owner, backend): minted once, the same after any
         restart, so ComfyUI keeps routing a running prompt's events to the new socket."""
+
+    def due_webhooks(self, now: float, limit: int) -> list[tuple[WebhookMessage, int]]:
+        """Pending webhook deliveries due by ``now`` (with their attempts so far), oldest first.
+        A job's message is written by ``save`` with its final state (``job.outbox``)."""
+
+    def webhook_attempted(self, message_id: str, state: str, attempts: int, next_at: float,
+                          last_error: str | None) -> None:
+        """Record an attempt: state pending (again at ``next_at``), delivered, failed or disabled."""
+
+    def webhooks(self, job_id: str) -> list[dict]:
+        """A job's deliveries and where each stands."""
+
+    def disable_endpoint(self, url: str, at: float) -> None:
+        """The receiver answered 410 Gone: nothing more is sent there."""
+
+    def endpoint_disabled(self, url: str) -> bool:
+        ...
 
     def secret(self, name: str) -> bytes:
         """A random secret of this deployment, minted once and kept: the same after any

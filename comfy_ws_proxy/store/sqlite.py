@@ -15,7 +15,7 @@ import sqlite3
 import uuid
 from typing import Iterable
 
-from ..model import Job
+from ..model import Job, WebhookMessage
 from .base import IdempotentAnswer, StoreError
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,23 @@ CREATE TABLE IF NOT EXISTS idempotency (
     expires_at REAL NOT NULL,
     PRIMARY KEY (user_id, key)
 );
+CREATE TABLE IF NOT EXISTS webhook_outbox (
+    message_id TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    url TEXT NOT NULL,
+    type TEXT NOT NULL,
+    body TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_at REAL NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS webhook_outbox_due ON webhook_outbox(state, next_at);
+CREATE TABLE IF NOT EXISTS webhook_disabled (
+    url TEXT PRIMARY KEY,
+    at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS secrets (
     name TEXT PRIMARY KEY,
     value BLOB NOT NULL
@@ -62,11 +79,12 @@ CREATE TABLE IF NOT EXISTS client_ids (
 # Columns added after the first wave, with the value an older row gets. Rows written before
 # outcomes were tracked count as told: their owners were sent them then.
 _ADDED = (("started_at", "REAL"), ("finished_at", "REAL"), ("timeout_s", "REAL NOT NULL DEFAULT 0"),
-          ("outputs", "TEXT"), ("result", "TEXT"), ("told", "INTEGER NOT NULL DEFAULT 1"))
+          ("outputs", "TEXT"), ("result", "TEXT"), ("told", "INTEGER NOT NULL DEFAULT 1"),
+          ("webhook_url", "TEXT NOT NULL DEFAULT ''"))
 
 _COLUMNS = ("prompt_id", "user_id", "state", "payload", "created_at", "updated_at", "ord", "number",
             "attempts", "outcome_unknown", "backend", "started_at", "finished_at", "timeout_s", "outputs",
-            "result", "told")
+            "result", "told", "webhook_url")
 _INSERT = (f"INSERT OR REPLACE INTO prompts ({', '.join(_COLUMNS)}) "
            f"VALUES ({', '.join('?' * len(_COLUMNS))})")
 
@@ -153,11 +171,11 @@ class SqliteJobStore:
         jobs = []
         for row in self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM prompts ORDER BY ord"):
             (job_id, owner, state, payload, created, updated, order, number, attempts, unknown, backend,
-             started, finished, timeout_s, outputs, result, told) = row
+             started, finished, timeout_s, outputs, result, told, webhook_url) = row
             jobs.append(Job(job_id, owner, state, json.loads(payload) if payload else None, created, updated,
                             order, number, attempts, bool(unknown), backend or "", started, finished,
                             timeout_s or 0.0, json.loads(outputs) if outputs else {},
-                            json.loads(result) if result else None, bool(told)))
+                            json.loads(result) if result else None, bool(told), webhook_url or ""))
         return jobs
 
     def insert(self, job: Job, answer: "IdempotentAnswer | None" = None) -> None:
@@ -198,11 +216,58 @@ class SqliteJobStore:
             raise StoreError(str(e)) from None
 
     def save(self, j: Job) -> None:
+        row = (j.job_id, j.owner, j.state, _json(j.payload), j.created_at, j.updated_at, j.order, j.number,
+               j.attempts, int(j.outcome_unknown), j.backend, j.started_at, j.finished_at, j.timeout_s,
+               _json(j.outputs or None), _json(j.result), int(j.told), j.webhook_url)
         try:
-            self.db.execute(_INSERT, (j.job_id, j.owner, j.state, _json(j.payload), j.created_at, j.updated_at,
-                                      j.order, j.number, j.attempts, int(j.outcome_unknown), j.backend,
-                                      j.started_at, j.finished_at, j.timeout_s, _json(j.outputs or None),
-                                      _json(j.result), int(j.told)))
+            if j.outbox is None:
+                self.db.execute(_INSERT, row)
+                return
+            m = j.outbox  # the final state and its webhook: both or neither
+            with self.db:
+                self.db.execute("BEGIN")
+                self.db.execute(_INSERT, row)
+                self.db.execute("INSERT OR IGNORE INTO webhook_outbox (message_id, job_id, user_id, url, type, body, "
+                                "next_at) VALUES (?, ?, ?, ?, ?, ?, 0)",
+                                (m.message_id, m.job_id, m.owner, m.url, m.type, m.body))
+        except sqlite3.Error as e:
+            raise StoreError(str(e)) from None
+
+    # --- the webhook outbox ----------------------------------------------------------------------
+    def due_webhooks(self, now: float, limit: int) -> list[tuple[WebhookMessage, int]]:
+        try:
+            rows = self.db.execute("SELECT message_id, job_id, user_id, url, type, body, attempts FROM webhook_outbox "
+                                   "WHERE state = 'pending' AND next_at <= ? ORDER BY next_at LIMIT ?",
+                                   (now, limit)).fetchall()
+        except sqlite3.Error as e:
+            raise StoreError(str(e)) from None
+        return [(WebhookMessage(*row[:6]), row[6]) for row in rows]
+
+    def webhook_attempted(self, message_id: str, state: str, attempts: int, next_at: float,
+                          last_error: str | None) -> None:
+        try:
+            self.db.execute("UPDATE webhook_outbox SET state = ?, attempts = ?, next_at = ?, last_error = ? "
+                            "WHERE message_id = ?", (state, attempts, next_at, last_error, message_id))
+        except sqlite3.Error as e:
+            raise StoreError(str(e)) from None
+
+    def webhooks(self, job_id: str) -> list[dict]:
+        try:
+            rows = self.db.execute("SELECT message_id, type, state, attempts, next_at, last_error FROM webhook_outbox "
+                                   "WHERE job_id = ?", (job_id,)).fetchall()
+        except sqlite3.Error as e:
+            raise StoreError(str(e)) from None
+        return [dict(zip(("message_id", "type", "state", "attempts", "next_at", "last_error"), r)) for r in rows]
+
+    def disable_endpoint(self, url: str, at: float) -> None:
+        try:
+            self.db.execute("INSERT OR REPLACE INTO webhook_disabled (url, at) VALUES (?, ?)", (url, at))
+        except sqlite3.Error as e:
+            raise StoreError(str(e)) from None
+
+    def endpoint_disabled(self, url: str) -> bool:
+        try:
+            return self.db.execute("SELECT 1 FROM webhook_disabled WHERE url = ?", (url,)).fetchone() is not None
         except sqlite3.Error as e:
             raise StoreError(str(e)) from None
 
