@@ -32,6 +32,7 @@ from .api.ops import (
     ReadyHandler,
     snapshot,
 )
+from .api.openapi import DocsHandler, OpenApiHandler
 from .api.outputs import DownloadSlots, OutputsHandler
 from .auth import build_verifier
 from .backends.backend import Backend
@@ -237,6 +238,8 @@ def routes(state: ProxyState, prefix: str = "") -> list:
         (prefix + r"/ready", ReadyHandler, kw),
         (prefix + r"/metrics", MetricsHandler, kw),
         (prefix + r"/metrics/prometheus", PrometheusHandler, kw),
+        (prefix + r"/openapi\.json", OpenApiHandler, {"settings": state.settings, "prefix": prefix}),
+        (prefix + r"/docs", DocsHandler),
         (prefix + r"/generate", GenerateHandler, {**jobs_kw, "in_flight": state.idempotency_in_flight}),
         (prefix + r"/jobs/?", JobsHandler, {**jobs_kw, "in_flight": state.idempotency_in_flight}),
         (prefix + r"/jobs?/([0-9a-f-]{36})", JobHandler, jobs_kw),

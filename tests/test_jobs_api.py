@@ -231,3 +231,26 @@ async def test_a_running_job_shows_its_node_and_progress():
         done = parsed(await call(h, "GET", f"/job/{job_id}", headers={"Prefer": "wait=10"}))
         assert done["progress"]["value"] == 1.0 and done["progress"]["nodes_done"] == 7
         assert done["progress"]["current_node"] is None
+
+
+async def test_the_openapi_document_is_valid_and_every_path_in_it_answers():
+    from openapi_spec_validator import validate
+
+    async with ProxyHarness() as h:
+        answer = await call(h, "GET", "/openapi.json", user=None)
+        assert answer.code == 200
+        doc = parsed(answer)
+        validate(doc)  # raises on an invalid OpenAPI 3.1 document
+        assert "86400 s" in json.dumps(doc)  # the Idempotency-Key expiry is published
+        unknown = "00000000-0000-4000-8000-000000000000"
+        for path, operations in doc["paths"].items():
+            concrete = path.replace("{job_id}", unknown).replace("{node_id}", "1").replace("{index}", "0")
+            for method in operations:
+                body = {} if method == "post" else None
+                response = await call(h, method.upper(), concrete, body=body)
+                # routed to our handler (our JSON errors), never Tornado's 404 page or a 405
+                assert response.code != 405 and response.headers["Content-Type"].startswith("application/json"), \
+                    (method, path, response.code)
+        page = await call(h, "GET", "/docs", user=None)
+        assert page.code == 200 and b"openapi.json" in page.body
+        assert b"http://" not in page.body and b"https://" not in page.body  # nothing from the internet
