@@ -24,6 +24,7 @@ from .api.jobs import (
     JobsHandler,
     JobViews,
 )
+from .api.openapi import DocsHandler, OpenApiHandler
 from .api.ops import (
     HealthHandler,
     LiveHandler,
@@ -32,8 +33,8 @@ from .api.ops import (
     ReadyHandler,
     snapshot,
 )
-from .api.openapi import DocsHandler, OpenApiHandler
 from .api.outputs import DownloadSlots, OutputsHandler
+from .api.uploads import UploadHandler
 from .auth import build_verifier
 from .backends.backend import Backend
 from .backends.breaker import CircuitBreaker
@@ -45,8 +46,9 @@ from .jobs.isolation import UserIsolation
 from .jobs.queue import JobQueue
 from .jobs.reconcile import Reconciler
 from .jobs.service import JobService
-from .jobs.webhooks import WebhookSender
 from .jobs.tracker import JobTracker
+from .jobs.uploads import UploadStore
+from .jobs.webhooks import WebhookSender
 from .metrics import Metrics
 from .store import StoreError, open_store
 
@@ -129,6 +131,12 @@ class ProxyState:
         self.service = JobService(self.tracker, self.queue, self.reconciler, self.pool, self.links, self.metrics,
                                   settings, clock, self.isolation, self.webhooks if self.webhooks.enabled else None)
         self.downloads = DownloadSlots(settings.max_downloads_per_user)
+        upload_dir = settings.upload_dir or (settings.store_path + ".uploads" if settings.store_path != ":memory:"
+                                             else "")
+        folder_of = self.isolation.folder if self.isolation is not None else \
+            UserIsolation(self.store.secret("user-folders")).folder
+        self.uploads = UploadStore(upload_dir, folder_of)
+        self.queue.uploads = self.uploads
         self.idempotency_in_flight: set[tuple[str, str]] = set()  # (owner, key) being accepted now
         self.job_events: list = []  # the event logs of the routes mounted (JobEvents)
         # the WebSocket face
@@ -206,6 +214,7 @@ class ProxyState:
         self.pool.stop()
         await self.links.close_all()
         self.store.close()
+        self.uploads.close()
         if self._own_http:
             self.http.close()
         self.started = False
@@ -238,8 +247,11 @@ def routes(state: ProxyState, prefix: str = "") -> list:
         (prefix + r"/ready", ReadyHandler, kw),
         (prefix + r"/metrics", MetricsHandler, kw),
         (prefix + r"/metrics/prometheus", PrometheusHandler, kw),
-        (prefix + r"/openapi\.json", OpenApiHandler, {"settings": state.settings, "prefix": prefix}),
+        (prefix + r"/openapi\.json", OpenApiHandler, {"settings": state.settings, "prefix": prefix,
+                                                   "version": state.version}),
         (prefix + r"/docs", DocsHandler),
+        (prefix + r"/upload", UploadHandler, {**state.user_kwargs(), "uploads": state.uploads,
+                                              "settings": state.settings}),
         (prefix + r"/generate", GenerateHandler, {**jobs_kw, "in_flight": state.idempotency_in_flight}),
         (prefix + r"/jobs/?", JobsHandler, {**jobs_kw, "in_flight": state.idempotency_in_flight}),
         (prefix + r"/jobs?/([0-9a-f-]{36})", JobHandler, jobs_kw),

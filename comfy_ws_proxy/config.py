@@ -200,6 +200,12 @@ OPTIONS: tuple[Option, ...] = (
          "service)."),
     _opt("webhook_timeout_s", "float", 15.0, "Timeout of one webhook delivery attempt.", minimum=0.1),
     _opt("webhook_max_in_flight", "int", 8, "Webhook deliveries in progress at once.", minimum=1),
+    _opt("upload_max_bytes", "int", 20 * MIB, "Largest image POST /upload accepts.", minimum=1024),
+    _opt("max_concurrent_uploads", "int", 8, "Uploads being received at once (each is held in memory).",
+         minimum=1),
+    _opt("upload_dir", "str", "",
+         "Where uploads are kept, per user (empty: STORE_PATH + '.uploads'; with ':memory:', a temporary "
+         "folder)."),
     _opt("max_downloads_per_user", "int", 4,
          "/outputs downloads one user may have in progress at once (too_many_downloads).", minimum=1),
     _opt("download_stall_timeout_s", "float", 30.0,

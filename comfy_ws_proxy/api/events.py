@@ -21,6 +21,7 @@ import itertools
 import json
 import uuid
 from collections import deque
+
 from tornado.iostream import StreamClosedError
 
 from ..jobs.service import JobService

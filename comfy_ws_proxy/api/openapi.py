@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-from .. import __version__
 from .base import JsonHandler
 
 ERROR = {"$ref": "#/components/schemas/Error"}
@@ -25,7 +24,7 @@ def _errors(*codes: int) -> dict:
     return {str(c): _json(ERROR, words[c]) for c in codes}
 
 
-def document(settings, prefix: str = "") -> dict:
+def document(settings, prefix: str = "", version: str = "") -> dict:
     job_id = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
     prefer = {"name": "Prefer", "in": "header", "required": False, "schema": {"type": "string"},
               "description": f"wait=N: wait up to N seconds (at most {settings.max_wait_s:g}) for the job to end."}
@@ -116,7 +115,7 @@ def document(settings, prefix: str = "") -> dict:
             "urls": {"type": "object", "additionalProperties": {"type": "string"}}}},
     }
     return {"openapi": "3.1.0",
-            "info": {"title": "comfy_ws_proxy jobs API", "version": __version__,
+            "info": {"title": "comfy_ws_proxy jobs API", "version": version,
                      "description": "The same users and jobs as the WebSocket at /ws. Every endpoint takes the "
                                     "same bearer JWT."},
             "servers": [{"url": (settings.public_url or "").rstrip("/") + prefix or "/"}],
@@ -127,8 +126,8 @@ def document(settings, prefix: str = "") -> dict:
 
 
 class OpenApiHandler(JsonHandler):
-    def initialize(self, settings, prefix: str):
-        self.document = json.dumps(document(settings, prefix), separators=(",", ":"))
+    def initialize(self, settings, prefix: str, version: str):
+        self.document = json.dumps(document(settings, prefix, version), separators=(",", ":"))
 
     def get(self):
         self.set_header("Cache-Control", "no-cache")

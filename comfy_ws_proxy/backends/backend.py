@@ -12,6 +12,7 @@ import json
 import logging
 import ssl
 import time
+import uuid
 from typing import Any, Awaitable, Callable
 from urllib.parse import quote, urlencode, urlsplit
 
@@ -161,7 +162,7 @@ class Backend:
     # --- calls -----------------------------------------------------------------------------
     async def call(self, method: str, path: str, body: Any = None, *, timeout: float | None = None,
                    count_failures: bool = True, bypass_breaker: bool = False, observe: bool = True,
-                   confirm_5xx: bool = False) -> tuple[int, Any]:
+                   confirm_5xx: bool = False, raw: tuple[bytes, str] | None = None) -> tuple[int, Any]:
         """One HTTP call to ComfyUI; returns (status, parsed JSON or None).
 
         Raises ComfyUnavailable (breaker open, connect error, timeout, 5xx) or ComfyRejected (4xx).
@@ -171,10 +172,13 @@ class Backend:
         """
         if not bypass_breaker and not self.breaker.allow(self.clock()):
             raise ComfyUnavailable("breaker_open")
+        if raw is not None:  # (bytes, content type): a body that is not JSON (an upload)
+            data, headers = raw[0], {"Content-Type": raw[1], "Accept": "application/json"}
+        else:
+            data = json.dumps(body) if body is not None else (b"" if method == "POST" else None)
+            headers = JSON_HEADERS
         request = HTTPRequest(
-            self.base_url + path, method=method,
-            body=json.dumps(body) if body is not None else (b"" if method == "POST" else None),
-            headers=JSON_HEADERS, connect_timeout=self.connect_timeout,
+            self.base_url + path, method=method, body=data, headers=headers, connect_timeout=self.connect_timeout,
             request_timeout=timeout or self.request_timeout, follow_redirects=False,
             decompress_response=True)
         self.inflight += 1
@@ -217,6 +221,18 @@ class Backend:
     async def submit_prompt(self, body: dict) -> dict:
         _, parsed = await self.call("POST", "/prompt", body, confirm_5xx=True)
         return parsed if isinstance(parsed, dict) else {}
+
+    async def upload_input(self, data: bytes, filename: str, subfolder: str, content_type: str) -> None:
+        """Put a file in ComfyUI's input folder (POST /upload/image, overwriting a file of that
+        name: names are content hashes, so it is the same file)."""
+        boundary = "comfy-ws-proxy-" + uuid.uuid4().hex
+        parts = []
+        for name, value in (("subfolder", subfolder), ("type", "input"), ("overwrite", "true")):
+            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n'
+                     f"Content-Type: {content_type}\r\n\r\n".encode() + data + b"\r\n")
+        parts.append(f"--{boundary}--\r\n".encode())
+        await self.call("POST", "/upload/image", raw=(b"".join(parts), f"multipart/form-data; boundary={boundary}"))
 
     async def history(self, prompt_id: str) -> dict:
         _, parsed = await self.call("GET", "/history/" + quote(prompt_id, safe=""))

@@ -127,6 +127,7 @@ class JobQueue:
         self.links = links
         self.metrics = metrics
         self.clock = clock
+        self.uploads = None  # an UploadStore: the images a job names go to its backend before it
         self.fair = FairQueue()
         self._draining: asyncio.Future | None = None
         self._drain_again = False
@@ -198,6 +199,8 @@ class JobQueue:
         started = self.clock()
         sent_at = asyncio.get_running_loop().time()  # the link's status times are loop times
         try:
+            if self.uploads is not None:
+                await self.uploads.place(job, backend)  # the owner's images it names, first
             result = await backend.submit_prompt(body)
         except ComfyRejected as e:
             self.metrics.comfy_duration.labels(backend.name, "rejected").observe(self.clock() - started)

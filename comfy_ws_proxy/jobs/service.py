@@ -30,9 +30,9 @@ from ..model import (
 from ..store import StoreError
 from .isolation import UserIsolation
 from .queue import JobQueue
-from .webhooks import WebhookSender
 from .reconcile import Reconciler, locate
 from .tracker import JobTracker
+from .webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
 

@@ -898,6 +898,7 @@ class ComfySimulator:
                 (prefix + r"/history", HistoryHandler, kw),
                 (prefix + r"/history/([^/]+)", HistoryItemHandler, kw),
                 (prefix + r"/view", ViewHandler, kw),
+                (prefix + r"/upload/image", UploadImageHandler, kw),
                 (prefix + r"/system_stats", SystemStatsHandler, kw),
                 (prefix + r"/features", FeaturesHandler, kw),
                 (prefix + r"/object_info", ObjectInfoHandler, kw),
@@ -1710,6 +1711,36 @@ class ViewHandler(SimHandler):
             self.set_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
             return self.finish(data[start:end + 1])
         self.finish(data)
+
+
+class UploadImageHandler(SimHandler):
+    """POST /upload/image (multipart: image, subfolder, type, overwrite), as server.py's
+    image_upload: a path outside the folder is a 400; without overwrite a taken name becomes
+    "name (1).ext". The image is kept as an 8-bit picture of unknown content (noise)."""
+
+    def post(self) -> None:
+        files = self.request.files.get("image")
+        if not files or not files[0].filename:
+            return self.empty(400)
+        kind = self.get_body_argument("type", "input")
+        kind = kind if kind in ("input", "output", "temp") else "input"
+        subfolder = posixpath.normpath(self.get_body_argument("subfolder", "")).strip("/")
+        subfolder = "" if subfolder == "." else subfolder
+        filename = files[0].filename
+        path = posixpath.normpath(posixpath.join(f"{SIM_ROOT}/{kind}", subfolder, filename))
+        if not path.startswith(f"{SIM_ROOT}/{kind}/"):
+            return self.empty(400)
+        if self.get_body_argument("overwrite", "") not in ("true", "1"):
+            stem, dot, ext = filename.rpartition(".")
+            i = 1
+            while (kind, subfolder, filename) in self.sim._files:
+                filename = f"{stem} ({i}).{ext}" if dot else f"{filename} ({i})"
+                i += 1
+        data = files[0].body
+        width, height = (struct.unpack(">II", data[16:24]) if data[:8] == b"\x89PNG\r\n\x1a\n" else (64, 64))
+        self.sim._files[(kind, subfolder, filename)] = data
+        self.sim._pixels[(kind, subfolder, filename)] = (height, width, 3, None)
+        self.json({"name": filename, "subfolder": subfolder, "type": kind})
 
 
 class SystemStatsHandler(SimHandler):
