@@ -6,11 +6,13 @@ without bound, nor slows the upstream read loop or other users).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
 import random
 import time
+import uuid
 from urllib.parse import urlsplit
 
 from tornado.ioloop import PeriodicCallback
@@ -18,17 +20,21 @@ from tornado.iostream import IOStream, StreamClosedError
 from tornado.websocket import WebSocketHandler
 
 from ..auth import AuthError, Identity, TokenVerifier, extract_token, requested_subprotocols
+from ..jobs.queue import accepted_data
 from ..jobs.service import JobService
 from ..logs import log_uncaught
 from ..metrics import Metrics
-from ..model import ErrorCode, RequestError, SubmitRequest
+from ..model import ErrorCode, JobState, RequestError, SubmitRequest
 from ..wsframes import OP_BINARY, OP_TEXT, frame_header
-from .protocol import SUBPROTOCOL, Cancel, CloseCode, Ping, Resume, parse_client_message
+from .protocol import SUBPROTOCOL, Cancel, CloseCode, MessageError, Ping, Resume, read_request
 from .session import SessionRegistry
 
 log = logging.getLogger(__name__)
 
 INLINE_MAX = 2048  # payloads up to this size are copied into one write with their header
+# The job notices that answer a client's request about a job (see Session.await_answer).
+SUBMIT_ANSWERS = frozenset({"prompt_accepted", "error", "prompt_cancelled"})
+CANCEL_ANSWERS = frozenset({"prompt_cancelled"})
 
 
 class ClientConnection(WebSocketHandler):
@@ -203,37 +209,88 @@ class ClientConnection(WebSocketHandler):
         self.close(CloseCode.TOKEN_EXPIRED, "token expired")
 
     async def on_message(self, message):
+        """One client message, answered once on this connection (protocol.py says by what),
+        the answer carrying the message's ref."""
         session = self.session
         if session is None:
             return
         session.touch(self.registry.clock())
         s = self.settings_
-        size = len(message)
-        self.metrics.relayed("to_comfy", "control", size)
+        self.metrics.relayed("to_comfy", "control", len(message))
+        ref = None
         try:
-            if size > s.max_message_bytes:
-                raise RequestError(ErrorCode.MESSAGE_TOO_LARGE,
-                                   f"Message of {size} bytes is over the {s.max_message_bytes} byte limit")
-            msg = parse_client_message(message, max_prompt_nodes=s.max_prompt_nodes,
-                                       node_allowlist=s.node_allowlist)
-            if isinstance(msg, Ping):
-                session.reply(self, "pong", msg.data if isinstance(msg.data, dict) else {})
-            elif isinstance(msg, SubmitRequest):
-                await self.service.submit(session.user_id, msg)
-            elif isinstance(msg, Cancel):
-                await self.service.cancel(session.user_id, msg.prompt_id)
-            elif isinstance(msg, Resume):
-                self._resume(msg)
+            request = read_request(message, max_message_bytes=s.max_message_bytes,
+                                   max_prompt_nodes=s.max_prompt_nodes, node_allowlist=s.node_allowlist)
+            ref, body = request.ref, request.body
+            if isinstance(body, Ping):
+                session.reply(self, "pong", body.data if isinstance(body.data, dict) else {}, ref)
+            elif isinstance(body, SubmitRequest):
+                await self._submit(body, ref)
+            elif isinstance(body, Cancel):
+                await self._cancel(body, ref)
+            elif isinstance(body, Resume):
+                self._resume(body, ref)
+        except MessageError as e:
+            self._refused(e, e.ref)
         except RequestError as e:
-            self.metrics.client_errors.labels(e.code).inc()
-            log.info("client error user=%s code=%s", session.user_id, e.code)
-            session.reply(self, "error", e.to_data())
+            self._refused(e, ref)
         except Exception:
             log.exception("internal error handling a client message user=%s", session.user_id)
             self.metrics.client_errors.labels(ErrorCode.INTERNAL_ERROR).inc()
-            session.reply(self, "error", {"code": ErrorCode.INTERNAL_ERROR, "message": "Internal error"})
+            session.reply(self, "error", {"code": ErrorCode.INTERNAL_ERROR, "message": "Internal error"}, ref)
 
-    def _resume(self, msg: Resume) -> None:
+    def _refused(self, e: RequestError, ref) -> None:
+        self.metrics.client_errors.labels(e.code).inc()
+        log.info("client error user=%s code=%s", self.session.user_id, e.code)
+        self.session.reply(self, "error", e.to_data(), ref)
+
+    async def _submit(self, request: SubmitRequest, ref) -> None:
+        """Answered by the job service's first notice about the job (prompt_accepted, or
+        ComfyUI's rejection), or by the refusal it raises; that answer carries ``ref``."""
+        session = self.session
+        if request.prompt_id is None:
+            # The proxy's id is chosen here rather than in the service, so that every answer
+            # to this message, a refusal too, says which prompt it is about.
+            request = dataclasses.replace(request, prompt_id=str(uuid.uuid4()))
+        job_id = request.prompt_id
+        waiting = session.await_answer(self, job_id, ref, SUBMIT_ANSWERS)
+        error = job = None
+        try:
+            job = await self.service.submit(session.user_id, request)
+        except RequestError as e:
+            error = e
+        finally:
+            unanswered = waiting and session.still_awaited(self, job_id)
+        if error is not None:
+            if error.prompt_id is None:
+                error.prompt_id = job_id
+            self._refused(error, ref if unanswered or not waiting else None)
+        elif unanswered:
+            # No notice answered it (ComfyUI's events overtook the answer of a POST that
+            # failed): the service took the job, so it was accepted.
+            session.reply(self, "prompt_accepted", accepted_data(job, queued=job.state == JobState.QUEUED), ref)
+
+    async def _cancel(self, request: Cancel, ref) -> None:
+        """Answered by ``prompt_cancelled`` when the job ends at once, else by
+        ``cancel_accepted`` with the job's state (an interrupt went to ComfyUI:
+        ``execution_interrupted`` follows; or it had ended already), or by an error."""
+        session = self.session
+        job_id = request.prompt_id
+        waiting = session.await_answer(self, job_id, ref, CANCEL_ANSWERS)
+        error = None
+        try:
+            await self.service.cancel(session.user_id, job_id)
+        except RequestError as e:
+            error = e
+        finally:
+            unanswered = waiting and session.still_awaited(self, job_id)
+        if error is not None:
+            self._refused(error, ref if unanswered or not waiting else None)
+        elif unanswered or not waiting:
+            job = self.service.tracker.owned(session.user_id, job_id)
+            session.reply(self, "cancel_accepted", {"prompt_id": job_id, "state": job.state if job else None}, ref)
+
+    def _resume(self, msg: Resume, ref=None) -> None:
         session = self.session
         if msg.session_id != session.session_id:
             # Expired, unknown, or another user's: the same answer for all three.
@@ -248,7 +305,7 @@ class ClientConnection(WebSocketHandler):
             for text in messages:
                 self._write(text, "control")
         session.reply(self, "prompts_state", {"prompts": self.service.tracker.summaries(
-            session.user_id, self.settings_.prompts_state_max)})
+            session.user_id, self.settings_.prompts_state_max)}, ref)
 
     def on_close(self):
         if self._expiry_handle is not None:
