@@ -144,9 +144,10 @@ class ProxyState:
         # A link is kept while its user has a socket open or a job not yet finished.
         self.links.keep = lambda owner, backend: self.registry.connected(owner) or self.tracker.has_unfinished(owner)
         self.verifier = build_verifier(settings, self.http,
-                                       on_jwks_fetch=lambda outcome: self.metrics.jwks_fetches.labels(outcome).inc())
+                                       on_jwks_fetch=lambda outcome: self.metrics.jwks_fetches.labels(outcome).inc(),
+                                       wall=wall)
         self.lag_monitor = LoopLagMonitor(self.metrics, settings.loop_lag_interval_ms / 1000)
-        self.pinger = ClientPinger(self.registry, settings)
+        self.pinger = ClientPinger(self.registry, settings, wall)
         self.started = False
         self.metrics.queued_prompts.set(len(self.queue.fair))
 

@@ -335,15 +335,43 @@ class JwksCache(KeyProvider):
 
 # --- verification ----------------------------------------------------------------------------
 
+def token_deadline(expires_at: float | None, leeway: float) -> float | None:
+    """When a token stops being good (epoch seconds): ``leeway`` seconds after its exp. The
+    one rule for the upgrade (verify) and the open connection (closed with 4001 then), so
+    that a token accepted at the upgrade is never closed at once."""
+    return None if expires_at is None else expires_at + leeway
+
+
+def check_times(claims: dict, now: float, leeway: float) -> None:
+    """``exp``, ``nbf`` and ``iat`` against ``now`` (epoch seconds), each with ``leeway`` of
+    clock skew: good from nbf (and iat) - leeway until token_deadline(exp). Raises AuthError."""
+    deadline = token_deadline(_claim_time(claims, "exp"), leeway)
+    if deadline is not None and now >= deadline:
+        raise AuthError("expired", "Token has expired")
+    for name in ("nbf", "iat"):
+        start = _claim_time(claims, name)
+        if start is not None and now + leeway < start:
+            raise AuthError("not_yet_valid", "Token is not valid yet")
+
+
 class TokenVerifier:
+    """Checks tokens against the configured keys and claims; times on the injected epoch
+    clock ``wall`` (PyJWT's own time checks read the system clock, so they are not used)."""
+
     def __init__(self, keys: KeyProvider | None, *, algorithms: tuple[str, ...], issuers: tuple[str, ...] = (),
-                 audiences: tuple[str, ...] = (), leeway: float = 30, no_verify: bool = False):
+                 audiences: tuple[str, ...] = (), leeway: float = 30, no_verify: bool = False,
+                 wall: Callable[[], float] = time.time):
         self.keys = keys
         self.algorithms = tuple(a for a in algorithms if a.lower() != "none" and not a.upper().startswith("HS"))
         self.issuers = tuple(issuers)
         self.audiences = tuple(audiences)
         self.leeway = leeway
         self.no_verify = no_verify
+        self.wall = wall
+
+    def deadline(self, identity: "Identity") -> float | None:
+        """When the connection that presented ``identity``'s token must close (epoch seconds)."""
+        return token_deadline(identity.expires_at, self.leeway)
 
     async def fetch_key(self, token: str | None) -> None:
         """Have the token's signing key at hand (a JWKS fetch for an unknown kid may take its
@@ -381,14 +409,11 @@ class TokenVerifier:
             raise AuthError("unknown_kid", "Token signing key is unknown")
         if not key.accepts(alg):
             raise AuthError("alg_not_allowed", "Token algorithm does not match its key")
-        options = {"require": ["exp", "sub"], "verify_aud": bool(self.audiences), "verify_iss": False}
+        options = {"require": ["exp", "sub"], "verify_aud": bool(self.audiences), "verify_iss": False,
+                   "verify_exp": False, "verify_nbf": False, "verify_iat": False}  # check_times does those
         try:
             claims = jwt.decode(token, key=key.key, algorithms=[alg], options=options,
-                                audience=list(self.audiences) or None, leeway=self.leeway)
-        except jwt.ExpiredSignatureError:
-            raise AuthError("expired", "Token has expired") from None
-        except jwt.ImmatureSignatureError:
-            raise AuthError("not_yet_valid", "Token is not valid yet") from None
+                                audience=list(self.audiences) or None)
         except jwt.InvalidAudienceError:
             raise AuthError("bad_audience", "Token audience is not accepted") from None
         except jwt.MissingRequiredClaimError as e:
@@ -399,17 +424,22 @@ class TokenVerifier:
             raise AuthError("invalid", "Token is invalid") from None
         except (ValueError, TypeError, OverflowError):  # a claim PyJWT could not compare
             raise AuthError("malformed", "Token claims are malformed") from None
+        check_times(claims, self.wall(), self.leeway)
         issuer = claims.get("iss")
         if self.issuers and issuer not in self.issuers:
             raise AuthError("bad_issuer", "Token issuer is not accepted")
-        return Identity(self._user_id(claims), _exp(claims), issuer if isinstance(issuer, str) else None, True)
+        return Identity(self._user_id(claims), _claim_time(claims, "exp"), issuer if isinstance(issuer, str) else None,
+                        True)
 
     def _unverified(self, token: str) -> Identity:
         try:
             claims = jwt.decode(token, options={"verify_signature": False})
         except jwt.PyJWTError:
             raise AuthError("malformed", "Token is not a well-formed JWT") from None
-        return Identity(self._user_id(claims), _exp(claims), None, False)
+        if not isinstance(claims, dict):
+            raise AuthError("malformed", "Token claims are malformed")
+        check_times(claims, self.wall(), self.leeway)  # as verified tokens: or the connection closes at once
+        return Identity(self._user_id(claims), _claim_time(claims, "exp"), None, False)
 
     @staticmethod
     def _user_id(claims: dict) -> str:
@@ -421,24 +451,25 @@ class TokenVerifier:
         return sub
 
 
-def _exp(claims: dict) -> float | None:
-    """``exp`` as epoch seconds. PyJWT converts a string exp with int() before comparing it;
-    we take only a number (one we then enforce on the open connection), in a sane range."""
-    exp = claims.get("exp")
-    if exp is None:
+def _claim_time(claims: dict, name: str) -> float | None:
+    """``exp``, ``nbf`` or ``iat`` as epoch seconds. PyJWT would convert a string with int();
+    we take only a number, in a sane range."""
+    value = claims.get(name)
+    if value is None:
         return None
-    if isinstance(exp, bool) or not isinstance(exp, (int, float)) or not -MAX_EXP < exp < MAX_EXP:
-        raise AuthError("malformed", "Token 'exp' must be a number of seconds")
-    return float(exp)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -MAX_EXP < value < MAX_EXP:
+        raise AuthError("malformed", f"Token '{name}' must be a number of seconds")
+    return float(value)
 
 
-def build_verifier(settings, http_client: AsyncHTTPClient, on_jwks_fetch=None) -> TokenVerifier:
+def build_verifier(settings, http_client: AsyncHTTPClient, on_jwks_fetch=None,
+                   wall: Callable[[], float] = time.time) -> TokenVerifier:
     """The verifier the settings ask for (local key file, JWKS URL, or NO_VERIFY). Raises
     KeySetupError when the key file is unusable or none of its keys fits the allowlist."""
     keys: KeyProvider | None = None
     verifier = TokenVerifier(None, algorithms=settings.jwt_alg_allowlist, issuers=settings.jwt_issuers,
                              audiences=settings.jwt_audiences, leeway=settings.jwt_leeway_s,
-                             no_verify=settings.no_verify)
+                             no_verify=settings.no_verify, wall=wall)
     if settings.jwt_key_file:
         loaded = load_key_file(settings.jwt_key_file)
         mismatch = algorithm_mismatch(loaded.values(), verifier.algorithms, settings.jwt_key_file)

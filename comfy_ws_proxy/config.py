@@ -228,7 +228,13 @@ OPTIONS: tuple[Option, ...] = (
     _opt("jwt_alg_allowlist", "list", ["EdDSA"], "Accepted JWT algorithms (comma-separated)."),
     _opt("jwt_jwks_url", "str", "", "URL of the issuer's JWKS (fetched asynchronously and cached)."),
     _opt("jwt_key_file", "str", "", "Local JWKS (.json) or PEM public key file, for single-machine setups."),
-    _opt("jwt_leeway_s", "int", 30, "Clock skew allowed for exp/nbf/iat.", minimum=0),
+    _opt("jwt_leeway_s", "int", 30,
+         "Clock skew allowed for exp/nbf/iat: a token is accepted, and its connection kept, until this long "
+         "after its exp.", minimum=0),
+    _opt("token_expiry_warning_s", "float", 60.0,
+         "Send token_expiring this long before a connection's token stops being good (exp + jwt_leeway_s), "
+         "but not before half its remaining life has passed; the client answers with refresh_token. "
+         "0: no warning.", minimum=0),
     _opt("jwks_cache_ttl_s", "int", 300, "How long fetched JWKS keys are fresh.", minimum=1),
     _opt("jwks_min_refetch_interval_s", "int", 30,
          "At most one JWKS fetch per this interval, whatever unknown kids arrive.", minimum=0),

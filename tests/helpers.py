@@ -239,6 +239,8 @@ class ProxyHarness:
         return f"http://127.0.0.1:{self.port}"
 
     def token(self, user: str, **kwargs) -> str:
+        if self.wall is not None:
+            kwargs.setdefault("now", self.wall())  # the proxy checks tokens on its epoch clock
         return self.key.token(user, **kwargs)
 
     async def connect(self, user: str = "alice", *, token: str | None = None, via: str = "header",

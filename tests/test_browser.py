@@ -136,3 +136,35 @@ async def test_a_foreign_origin_cannot_open_the_websocket(io_loop, caplog, liste
             assert any(line.startswith("403 GET /ws ") for line in lines), lines
             assert not any(line.startswith("101 GET /ws ") for line in lines), lines
             assert h.state.registry.connection_count() == 0
+
+
+async def test_the_demo_page_says_at_once_why_a_submission_was_refused(io_loop):
+    async with ProxyHarness(demo_page=True) as h:
+        async with Browser() as b:
+            page = b.page
+            await asyncio.wait_for(page.goto(h.url + "/demo"), TIMEOUT)
+            await asyncio.wait_for(page.fill("#token", h.token("alice")), TIMEOUT)
+            await asyncio.wait_for(page.click("#connect"), TIMEOUT)
+            await asyncio.wait_for(page.wait_for_function(
+                "() => document.getElementById('status').textContent === 'connected'", timeout=MS), TIMEOUT)
+            # {} is refused by the proxy itself; the page stayed "submitting" forever
+            await asyncio.wait_for(page.fill("#workflow", "{}"), TIMEOUT)
+            await asyncio.wait_for(page.click("#submit"), TIMEOUT)
+            await asyncio.wait_for(page.wait_for_function(
+                "() => document.body.dataset.state === 'rejected'", timeout=MS), TIMEOUT)
+            log = await asyncio.wait_for(page.text_content("#log"), TIMEOUT)
+            assert "invalid_message: submit_prompt needs a non-empty object 'prompt'" in log, log
+            # ComfyUI's refusal: the per-node errors are shown
+            await asyncio.wait_for(page.select_option("#sample", "validation-fail"), TIMEOUT)
+            await asyncio.wait_for(page.evaluate("() => { document.getElementById('workflow').value = ''; }"), TIMEOUT)
+            await asyncio.wait_for(page.click("#load"), TIMEOUT)
+            await asyncio.wait_for(page.wait_for_function(
+                "() => document.getElementById('workflow').value.trim().startsWith('{')", timeout=MS), TIMEOUT)
+            await asyncio.wait_for(page.click("#submit"), TIMEOUT)
+            await asyncio.wait_for(page.wait_for_function(
+                "() => document.body.dataset.state === 'rejected' && "
+                "document.getElementById('log').textContent.includes('Prompt outputs failed validation')",
+                timeout=MS), TIMEOUT)
+            log = await asyncio.wait_for(page.text_content("#log"), TIMEOUT)
+            assert "node 5 (PreviewImage) input images: Return type mismatch between linked nodes" in log, log
+            assert "node 2 (ImageScale) input width: Value 99999 bigger than max of 16384" in log, log

@@ -1,16 +1,21 @@
 """ClientConnection: one client WebSocket. Authenticates before the upgrade, then turns
 client messages into job service calls and writes what the session sends, within a bounded
 outbound budget (a client that stops reading is closed; it never makes the proxy buffer
-without bound, nor slows the upstream read loop or other users).
+without bound, nor slows the upstream read loop or other users). Its token may be replaced
+in band (``refresh_token``); ClientPinger warns it ahead of the token's deadline
+(``token_expiring``) and closes it at the deadline (4001).
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
 import random
 import time
+import uuid
+from typing import Callable
 from urllib.parse import urlsplit
 
 from tornado.ioloop import PeriodicCallback
@@ -18,17 +23,31 @@ from tornado.iostream import IOStream, StreamClosedError
 from tornado.websocket import WebSocketHandler
 
 from ..auth import AuthError, Identity, TokenVerifier, extract_token, requested_subprotocols
+from ..jobs.queue import accepted_data
 from ..jobs.service import JobService
 from ..logs import log_uncaught
 from ..metrics import Metrics
-from ..model import ErrorCode, RequestError, SubmitRequest
+from ..model import ErrorCode, JobState, RequestError, SubmitRequest
 from ..wsframes import OP_BINARY, OP_TEXT, frame_header
-from .protocol import SUBPROTOCOL, Cancel, CloseCode, Ping, Resume, parse_client_message
+from .protocol import SUBPROTOCOL, Cancel, CloseCode, MessageError, Ping, RefreshToken, Resume, read_request
 from .session import SessionRegistry
 
 log = logging.getLogger(__name__)
 
 INLINE_MAX = 2048  # payloads up to this size are copied into one write with their header
+# The job notices that answer a client's request about a job (see Session.await_answer).
+SUBMIT_ANSWERS = frozenset({"prompt_accepted", "error", "prompt_cancelled"})
+CANCEL_ANSWERS = frozenset({"prompt_cancelled"})
+
+
+def token_times(now: float, deadline: float | None, warning: float) -> tuple[float | None, float | None]:
+    """(warn_at, deadline) of a token accepted at ``now`` (epoch seconds): the warning
+    ``warning`` seconds before the deadline, but not before half the time left has passed
+    (a token shorter-lived than the warning is not refreshed again at once, in a loop); no
+    warning when ``warning`` is 0 or there is no deadline."""
+    if deadline is None or not warning:
+        return None, deadline
+    return max(deadline - warning, now + (deadline - now) / 2), deadline
 
 
 class ClientConnection(WebSocketHandler):
@@ -45,7 +64,10 @@ class ClientConnection(WebSocketHandler):
         self.pending_bytes = 0  # written but not yet flushed to the socket
         self.large_bytes = 0  # of which: the one frame larger than the budget, if any
         self.closing = False
-        self._expiry_handle = None
+        # The token's times (epoch seconds, the verifier's clock): when the connection must
+        # close, and when it is told so ahead (None once told); see token_times().
+        self.token_deadline: float | None = None
+        self.token_warn_at: float | None = None
         self.next_ping_at = 0.0
         self.ping_sent_at: float | None = None  # an unanswered ping
         self._upgrade_slot = False  # holds one of registry.upgrades until open() starts
@@ -157,9 +179,7 @@ class ClientConnection(WebSocketHandler):
         interval = self.settings_.ws_ping_interval_s
         self.next_ping_at = self.registry.clock() + interval * (0.5 + random.random() / 2)  # spread
         log.info("connection open user=%s session=%s ip=%s", identity.user_id, session.session_id[:8], self.ip)
-        if identity.expires_at is not None:
-            delay = max(0.0, identity.expires_at - time.time())
-            self._expiry_handle = asyncio.get_running_loop().call_later(delay, self._token_expired)
+        self._token_accepted(identity)
         # Wait for the upstream socket (Tornado reads no client frame before open() returns),
         # but not for long: when ComfyUI is down the client is accepted and told so.
         ready = await self.service.wait_ready(identity.user_id, self.service.ready_timeout)
@@ -196,44 +216,139 @@ class ClientConnection(WebSocketHandler):
     def on_pong(self, data: bytes) -> None:
         self.ping_sent_at = None
 
-    def _token_expired(self) -> None:
-        self._expiry_handle = None
-        if self.session is not None:
-            self.session.reply(self, "error", {"code": ErrorCode.UNAUTHORIZED, "message": "Token expired"})
-        self.close(CloseCode.TOKEN_EXPIRED, "token expired")
+    # --- the token's lifetime (checked by ClientPinger) ------------------------------------------
+    def _token_accepted(self, identity: Identity) -> None:
+        self.identity = identity
+        self.token_warn_at, self.token_deadline = token_times(
+            self.verifier.wall(), self.verifier.deadline(identity), self.settings_.token_expiry_warning_s)
+
+    def check_token(self, now: float) -> None:
+        """At the token's deadline: an error and close 4001. Before it: one token_expiring."""
+        deadline = self.token_deadline
+        if deadline is None or self.closing or self.session is None or self not in self.session.live:
+            return  # (not yet greeted: the session message goes first)
+        if now >= deadline:
+            self.token_deadline = None
+            log.info("token expired user=%s", self.session.user_id)
+            self.session.reply(self, "error", {"code": ErrorCode.UNAUTHORIZED, "message": "Token expired",
+                                               "details": {"reason": "expired"}})
+            self.close(CloseCode.TOKEN_EXPIRED, "token expired")
+        elif self.token_warn_at is not None and now >= self.token_warn_at:
+            self.token_warn_at = None
+            self.session.reply(self, "token_expiring", {"expires_at": self.identity.expires_at,
+                                                        "deadline": deadline,
+                                                        "seconds_left": round(deadline - now, 3)})
+
+    async def _refresh(self, request: RefreshToken, ref) -> None:
+        """A fresh token on the open connection, verified like at the upgrade and for the same
+        user; refused, it changes nothing (the old token's deadline stands)."""
+        timeout = self.settings_.handshake_timeout_ms / 1000
+        try:
+            await asyncio.wait_for(self.verifier.fetch_key(request.token), timeout)
+        except asyncio.TimeoutError:
+            pass  # verify() says unknown_kid
+        try:
+            identity = await asyncio.wait_for(self.verifier.verify(request.token), timeout)
+        except AuthError as e:
+            raise RequestError(ErrorCode.UNAUTHORIZED, e.message, details={"reason": e.reason}) from None
+        except asyncio.TimeoutError:
+            raise RequestError(ErrorCode.UNAUTHORIZED, "Token could not be verified in time",
+                               details={"reason": "timeout"}) from None
+        if identity.user_id != self.identity.user_id:
+            raise RequestError(ErrorCode.UNAUTHORIZED, "The token is for another user; "
+                               "a connection keeps its user", details={"reason": "other_user"})
+        if self.session is None or self.ws_connection is None or self.ws_connection.is_closing():
+            return  # closed (or expired) while the token was verified
+        self._token_accepted(identity)
+        log.info("token refreshed user=%s", identity.user_id)
+        self.session.reply(self, "token_refreshed", {"expires_at": identity.expires_at,
+                                                     "deadline": self.token_deadline}, ref)
 
     async def on_message(self, message):
+        """One client message, answered once on this connection (protocol.py says by what),
+        the answer carrying the message's ref."""
         session = self.session
         if session is None:
             return
         session.touch(self.registry.clock())
         s = self.settings_
-        size = len(message)
-        self.metrics.relayed("to_comfy", "control", size)
+        self.metrics.relayed("to_comfy", "control", len(message))
+        ref = None
         try:
-            if size > s.max_message_bytes:
-                raise RequestError(ErrorCode.MESSAGE_TOO_LARGE,
-                                   f"Message of {size} bytes is over the {s.max_message_bytes} byte limit")
-            msg = parse_client_message(message, max_prompt_nodes=s.max_prompt_nodes,
-                                       node_allowlist=s.node_allowlist)
-            if isinstance(msg, Ping):
-                session.reply(self, "pong", msg.data if isinstance(msg.data, dict) else {})
-            elif isinstance(msg, SubmitRequest):
-                await self.service.submit(session.user_id, msg)
-            elif isinstance(msg, Cancel):
-                await self.service.cancel(session.user_id, msg.prompt_id)
-            elif isinstance(msg, Resume):
-                self._resume(msg)
+            request = read_request(message, max_message_bytes=s.max_message_bytes,
+                                   max_prompt_nodes=s.max_prompt_nodes, node_allowlist=s.node_allowlist)
+            ref, body = request.ref, request.body
+            if isinstance(body, Ping):
+                session.reply(self, "pong", body.data if isinstance(body.data, dict) else {}, ref)
+            elif isinstance(body, SubmitRequest):
+                await self._submit(body, ref)
+            elif isinstance(body, Cancel):
+                await self._cancel(body, ref)
+            elif isinstance(body, Resume):
+                self._resume(body, ref)
+            elif isinstance(body, RefreshToken):
+                await self._refresh(body, ref)
+        except MessageError as e:
+            self._refused(e, e.ref)
         except RequestError as e:
-            self.metrics.client_errors.labels(e.code).inc()
-            log.info("client error user=%s code=%s", session.user_id, e.code)
-            session.reply(self, "error", e.to_data())
+            self._refused(e, ref)
         except Exception:
             log.exception("internal error handling a client message user=%s", session.user_id)
             self.metrics.client_errors.labels(ErrorCode.INTERNAL_ERROR).inc()
-            session.reply(self, "error", {"code": ErrorCode.INTERNAL_ERROR, "message": "Internal error"})
+            session.reply(self, "error", {"code": ErrorCode.INTERNAL_ERROR, "message": "Internal error"}, ref)
 
-    def _resume(self, msg: Resume) -> None:
+    def _refused(self, e: RequestError, ref) -> None:
+        self.metrics.client_errors.labels(e.code).inc()
+        log.info("client error user=%s code=%s", self.session.user_id, e.code)
+        self.session.reply(self, "error", e.to_data(), ref)
+
+    async def _submit(self, request: SubmitRequest, ref) -> None:
+        """Answered by the job service's first notice about the job (prompt_accepted, or
+        ComfyUI's rejection), or by the refusal it raises; that answer carries ``ref``."""
+        session = self.session
+        if request.prompt_id is None:
+            # The proxy's id is chosen here rather than in the service, so that every answer
+            # to this message, a refusal too, says which prompt it is about.
+            request = dataclasses.replace(request, prompt_id=str(uuid.uuid4()))
+        job_id = request.prompt_id
+        waiting = session.await_answer(self, job_id, ref, SUBMIT_ANSWERS)
+        error = job = None
+        try:
+            job = await self.service.submit(session.user_id, request)
+        except RequestError as e:
+            error = e
+        finally:
+            unanswered = waiting and session.still_awaited(self, job_id)
+        if error is not None:
+            if error.prompt_id is None:
+                error.prompt_id = job_id
+            self._refused(error, ref if unanswered or not waiting else None)
+        elif unanswered:
+            # No notice answered it (ComfyUI's events overtook the answer of a POST that
+            # failed): the service took the job, so it was accepted.
+            session.reply(self, "prompt_accepted", accepted_data(job, queued=job.state == JobState.QUEUED), ref)
+
+    async def _cancel(self, request: Cancel, ref) -> None:
+        """Answered by ``prompt_cancelled`` when the job ends at once, else by
+        ``cancel_accepted`` with the job's state (an interrupt went to ComfyUI:
+        ``execution_interrupted`` follows; or it had ended already), or by an error."""
+        session = self.session
+        job_id = request.prompt_id
+        waiting = session.await_answer(self, job_id, ref, CANCEL_ANSWERS)
+        error = None
+        try:
+            await self.service.cancel(session.user_id, job_id)
+        except RequestError as e:
+            error = e
+        finally:
+            unanswered = waiting and session.still_awaited(self, job_id)
+        if error is not None:
+            self._refused(error, ref if unanswered or not waiting else None)
+        elif unanswered or not waiting:
+            job = self.service.tracker.owned(session.user_id, job_id)
+            session.reply(self, "cancel_accepted", {"prompt_id": job_id, "state": job.state if job else None}, ref)
+
+    def _resume(self, msg: Resume, ref=None) -> None:
         session = self.session
         if msg.session_id != session.session_id:
             # Expired, unknown, or another user's: the same answer for all three.
@@ -248,11 +363,9 @@ class ClientConnection(WebSocketHandler):
             for text in messages:
                 self._write(text, "control")
         session.reply(self, "prompts_state", {"prompts": self.service.tracker.summaries(
-            session.user_id, self.settings_.prompts_state_max)})
+            session.user_id, self.settings_.prompts_state_max)}, ref)
 
     def on_close(self):
-        if self._expiry_handle is not None:
-            self._expiry_handle.cancel()
         if self.session is not None:
             log.info("connection closed user=%s session=%s code=%s", self.session.user_id,
                      self.session.session_id[:8], self.close_code)
@@ -340,29 +453,34 @@ class ClientConnection(WebSocketHandler):
 class ClientPinger:
     """Pings every client connection each WS_PING_INTERVAL_S and closes those that leave a
     ping unanswered for WS_PING_TIMEOUT_S (nginx and other idle-timeout hops see traffic;
-    dead peers are noticed). One timer for all connections: Tornado's own pinging runs a
-    task per connection, about 1 KiB each at 10,000 users. Also works when the proxy is
-    mounted in a host application, whatever that application's settings."""
+    dead peers are noticed); warns each ahead of its token's deadline and closes it there
+    (4001), to the second (a tick is at most 1 s). One timer for all connections: Tornado's
+    own pinging runs a task per connection, about 1 KiB each at 10,000 users, and a timer per
+    connection for its token would cost as much. Also works when the proxy is mounted in a
+    host application, whatever that application's settings. ``wall``: the epoch clock of
+    token times (the verifier's)."""
 
-    def __init__(self, registry, settings):
+    def __init__(self, registry, settings, wall: Callable[[], float] = time.time):
         self.registry = registry
+        self.wall = wall
         self.interval = settings.ws_ping_interval_s
         self.timeout = settings.ws_ping_timeout_s
         tick = min(1.0, self.interval / 4) if self.interval else 1.0
         self._timer = PeriodicCallback(self.tick, tick * 1000)
 
     def start(self) -> None:
-        if self.interval:
-            self._timer.start()
+        self._timer.start()  # (without pings too: tokens expire)
 
     def stop(self) -> None:
         self._timer.stop()
 
     def tick(self) -> None:
-        now = self.registry.clock()
+        now, wall = self.registry.clock(), self.wall()
         for session in self.registry.all():
             for conn in list(session.connections):
-                conn.keepalive(now, self.interval, self.timeout)
+                if self.interval:
+                    conn.keepalive(now, self.interval, self.timeout)
+                conn.check_token(wall)
 
 
 __all__ = ["ClientConnection", "ClientPinger", "requested_subprotocols"]

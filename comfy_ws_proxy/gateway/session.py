@@ -13,7 +13,7 @@ import asyncio
 import logging
 import secrets
 from collections import Counter, deque
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, NamedTuple
 
 from tornado.ioloop import PeriodicCallback
 
@@ -33,6 +33,14 @@ def session_expired(*, last_activity: float, now: float, timeout: float, connect
     return connections == 0 and now - last_activity >= timeout
 
 
+class Awaited(NamedTuple):
+    """A client message a connection waits to have answered by a notice about one job
+    (``kinds``: the notices that answer it): the answer carries ``ref``."""
+    conn: object
+    ref: object
+    kinds: frozenset
+
+
 class Session:
     def __init__(self, registry: "SessionRegistry", user_id: str, now: float):
         self.registry = registry
@@ -47,12 +55,52 @@ class Session:
         self.buffer: deque[tuple[int, str, str | None]] | None = None
         self.buffer_bytes = 0
         self.last_activity = now
+        # Job id -> the request a notice about that job answers (at most one per connection:
+        # a connection's messages are handled one at a time); created on first use.
+        self.awaited: dict[str, Awaited] | None = None
 
     # --- what the jobs publish (JobSubscriber) --------------------------------------------------
     def job_notice(self, job: Job, kind: str, data: dict) -> bool:
-        """A proxy message about a job, to every connection and into the resume buffer."""
-        text = protocol.encode(kind, data, self.next_seq())
-        return self._fan_out(text, "error" if kind == "error" else "control", job.job_id)
+        """A proxy message about a job, to every connection and into the resume buffer. If it
+        answers a connection's request (see await_answer), that connection's copy carries
+        the request's ref (the others' and the buffer's do not: a ref means something only
+        to the connection that chose it)."""
+        kind_class = "error" if kind == "error" else "control"
+        awaited = self.awaited.get(job.job_id) if self.awaited else None
+        if awaited is None or kind not in awaited.kinds:
+            return self._fan_out(protocol.encode(kind, data, self.next_seq()), kind_class, job.job_id)
+        del self.awaited[job.job_id]
+        if awaited.ref is None:
+            return self._fan_out(protocol.encode(kind, data, self.next_seq()), kind_class, job.job_id)
+        seq = self.next_seq()
+        text = protocol.encode(kind, data, seq)
+        answer = protocol.encode(kind, data, seq, awaited.ref)
+        self._keep(text, job.job_id)
+        live = self.live
+        for conn in live:
+            conn.send_text(answer if conn is awaited.conn else text, kind_class)
+        return bool(live)
+
+    # --- answers to a connection's requests -----------------------------------------------------
+    def await_answer(self, conn, job_id: str, ref, kinds: frozenset) -> bool:
+        """``conn`` sent a request with ``ref`` that a notice about ``job_id`` of one of
+        ``kinds`` answers (the job service sends it while the request is being handled).
+        False if another connection's request about that job waits already (this one is
+        then answered by the connection itself)."""
+        if self.awaited is None:
+            self.awaited = {}
+        elif job_id in self.awaited:
+            return False
+        self.awaited[job_id] = Awaited(conn, ref, kinds)
+        return True
+
+    def still_awaited(self, conn, job_id: str) -> bool:
+        """Stop waiting for a notice about ``job_id`` for ``conn``: True if none answered it."""
+        awaited = self.awaited.get(job_id) if self.awaited else None
+        if awaited is None or awaited.conn is not conn:
+            return False
+        del self.awaited[job_id]
+        return True
 
     def job_frame(self, job: Job | None, kind: str, frame) -> bool:
         """A ComfyUI frame, unchanged (JSON text gets a seq; binary goes as it came)."""
@@ -75,9 +123,10 @@ class Session:
         self.seq += 1
         return self.seq
 
-    def reply(self, conn, kind: str, data) -> None:
-        """A message to one connection only (session, pong, errors of its own requests)."""
-        conn.send_text(protocol.encode(kind, data, self.next_seq()), "error" if kind == "error" else "control")
+    def reply(self, conn, kind: str, data, ref=None) -> None:
+        """A message to one connection only (session, pong, errors of its own requests);
+        ``ref``: that of the client message it answers."""
+        conn.send_text(protocol.encode(kind, data, self.next_seq(), ref), "error" if kind == "error" else "control")
 
     def _fan_out(self, text: str, kind_class: str, job_id: str | None) -> bool:
         self._keep(text, job_id)
