@@ -54,6 +54,17 @@ def document(settings, prefix: str = "", version: str = "") -> dict:
                     "responses": {"200": _json({"type": "object", "properties": {
                         "jobs": {"type": "array", "items": JOB},
                         "next_cursor": {"type": ["string", "null"]}}}, "A page"), **_errors(400, 401)}}},
+        "/upload": {"post": {
+            "tags": ["jobs"], "summary": "Upload an image for LoadImage", "operationId": "upload",
+            "requestBody": {"required": True, "content": {
+                "multipart/form-data": {"schema": {"type": "object", "properties": {
+                    "image": {"type": "string", "format": "binary"}}}},
+                "image/*": {"schema": {"type": "string", "format": "binary"}}}},
+            "responses": {"201": _json({"type": "object", "properties": {
+                "name": {"type": "string"}, "size": {"type": "integer"}, "content_type": {"type": "string"},
+                "sha256": {"type": "string"}, "use": {"type": "object"}}},
+                f"Stored (at most {settings.upload_max_bytes} bytes): use its name in LoadImage"),
+                "415": _json(ERROR, "Not a PNG, JPEG, GIF or WebP image"), **_errors(400, 401, 413, 503)}}},
         "/job/{job_id}": {"get": {"tags": ["jobs"], "summary": "A job", "operationId": "getJob",
                                   "parameters": [job_id, prefer],
                                   "responses": {"200": _json(JOB, "The job"), **_errors(401, 404)}}},
