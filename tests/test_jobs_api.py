@@ -254,3 +254,20 @@ async def test_the_openapi_document_is_valid_and_every_path_in_it_answers():
         page = await call(h, "GET", "/docs", user=None)
         assert page.code == 200 and b"openapi.json" in page.body
         assert b"http://" not in page.body and b"https://" not in page.body  # nothing from the internet
+
+
+async def test_an_expired_job_answers_410_to_its_owner_only():
+    wall = FakeClock(1_800_000_000.0)
+    async with ProxyHarness(wall=wall, store_path="file", finished_prompt_retention_s=60) as h:
+        job = parsed(await call(h, "POST", "/generate", body=workflow("success"), headers={"Prefer": "wait=10"}))
+        assert job["status"] == "completed" and job["expires_at"]
+        image = job["outputs"][0]["url"]
+        wall.advance(61)
+        assert h.state.service.cleanup() == 1
+        for _ in range(2):  # and the same after a restart
+            for path in (f"/job/{job['job_id']}", image):
+                gone = await call(h, "GET", path)
+                assert gone.code == 410 and parsed(gone)["error"]["code"] == "expired", path
+                theirs = await call(h, "GET", path, user="bob")
+                assert theirs.code == 404  # nobody else learns the id was ever used
+            await h.restart_proxy("term")

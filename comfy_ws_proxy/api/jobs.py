@@ -50,6 +50,12 @@ def error_body(e: RequestError) -> dict:
     return {"error": e.to_data()}
 
 
+def expired_body(job_id: str, retention_s: float) -> dict:
+    return {"error": {"code": "expired", "prompt_id": job_id,
+                      "message": f"The job and its outputs expired {retention_s:g} s after it ended "
+                                 "(FINISHED_PROMPT_RETENTION_S)"}}
+
+
 class JobViews:
     """Builds the JSON of a job, the same for every endpoint."""
 
@@ -153,7 +159,10 @@ class ApiHandler(UserHandler):
         try:
             return self.service.get(self.identity.user_id, job_id)
         except RequestError as e:  # unknown and another user's answer alike
-            self.write_request_error(RequestError(ErrorCode.NOT_FOUND, "No such job", prompt_id=e.prompt_id))
+            if self.service.expired(self.identity.user_id, job_id):
+                self.write_json(expired_body(job_id, self.options.finished_prompt_retention_s), 410)
+            else:
+                self.write_request_error(RequestError(ErrorCode.NOT_FOUND, "No such job", prompt_id=e.prompt_id))
             return None
 
     def wait_asked(self) -> float:
@@ -345,8 +354,10 @@ class JobImageHandler(FileDownload):
     """GET /job/{id}/image/{node}/{index}: the index-th file of that node's outputs, streamed
     from the backend that made it (ETag, Range and 304 as ComfyUI answers them)."""
 
-    def initialize(self, service: JobService, pool, isolation: UserIsolation | None, **kwargs):
+    def initialize(self, service: JobService, pool, isolation: UserIsolation | None, retention: float = 0,
+                   **kwargs):
         super().initialize(**kwargs)
+        self.retention = retention
         self.service = service
         self.pool = pool
         self.isolation = isolation
@@ -355,6 +366,8 @@ class JobImageHandler(FileDownload):
         try:
             job = self.service.get(self.identity.user_id, job_id)
         except RequestError:
+            if self.service.expired(self.identity.user_id, job_id):
+                return self.write_json(expired_body(job_id, self.retention), 410)
             return self.write_json_error(404, "not_found", "No such job")
         try:
             backend, files = await job_files(job, self.pool, self.isolation)

@@ -196,6 +196,13 @@ class JobService:
         jobs = [j for j in self.tracker.jobs_of(owner) if states is None or j.state in states]
         return sorted(jobs, key=lambda j: j.order, reverse=True)
 
+    def expired(self, owner: str, job_id: str) -> bool:
+        """Was this the owner's job, forgotten after FINISHED_PROMPT_RETENTION_S?"""
+        try:
+            return bool(owner) and self.tracker.store.forgotten_owner(job_id) == owner
+        except StoreError:
+            return False
+
     def recall(self, owner: str, key: str) -> IdempotentAnswer | None:
         try:
             return self.tracker.store.recall(owner, key, self.tracker.wall())

@@ -243,7 +243,7 @@ class JobTracker:
                     del self.by_owner[job.owner]
         if gone:
             try:
-                self.store.delete([j.job_id for j in gone])
+                self.store.delete([j.job_id for j in gone], {j.job_id: j.owner for j in gone})
             except StoreError as e:
                 log.error("store delete failed (%s): finished prompts kept until the next cleanup", e)
                 for job in gone:

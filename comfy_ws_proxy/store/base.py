@@ -34,8 +34,12 @@ class JobStore(Protocol):
     def save(self, job: Job) -> None:
         """Write the job's durable fields."""
 
-    def delete(self, job_ids: Iterable[str]) -> None:
-        """Forget these jobs. Their ids stay used: never reusable, by anyone."""
+    def delete(self, job_ids: Iterable[str], owners: dict[str, str] | None = None) -> None:
+        """Forget these jobs. Their ids stay used: never reusable, by anyone. ``owners``: whose
+        each was (so its owner can be told it expired, and nobody else anything)."""
+
+    def forgotten_owner(self, job_id: str) -> str | None:
+        """Whose a forgotten job was ("" if not known), or None if the id was never forgotten."""
 
     def id_used(self, job_id: str) -> bool:
         """Was this id ever a job's (a forgotten one's)? ComfyUI's history of an id outlives

@@ -36,7 +36,8 @@ CREATE TABLE IF NOT EXISTS prompts (
 );
 CREATE INDEX IF NOT EXISTS prompts_unfinished ON prompts(state, ord);
 CREATE TABLE IF NOT EXISTS forgotten_ids (
-    prompt_id TEXT PRIMARY KEY
+    prompt_id TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS idempotency (
     user_id TEXT NOT NULL,
@@ -140,6 +141,8 @@ class SqliteJobStore:
         for name, declaration in _ADDED:
             if name not in present:
                 self.db.execute(f"ALTER TABLE prompts ADD COLUMN {name} {declaration}")
+        if "user_id" not in {row[1] for row in self.db.execute("PRAGMA table_info(forgotten_ids)")}:
+            self.db.execute("ALTER TABLE forgotten_ids ADD COLUMN user_id TEXT NOT NULL DEFAULT ''")
         row = self.db.execute("SELECT MAX(ord) FROM prompts").fetchone()
         self._next_order = (row[0] or 0) + 1
 
@@ -271,16 +274,25 @@ class SqliteJobStore:
         except sqlite3.Error as e:
             raise StoreError(str(e)) from None
 
-    def delete(self, job_ids: Iterable[str]) -> None:
-        """Forget jobs; their ids stay used (see ``id_used``)."""
-        rows = [(i,) for i in job_ids]
+    def delete(self, job_ids: Iterable[str], owners: dict[str, str] | None = None) -> None:
+        """Forget jobs; their ids stay used (see ``id_used``), with whose they were."""
+        ids = list(job_ids)
+        owners = owners or {}
         try:
             with self.db:
                 self.db.execute("BEGIN")
-                self.db.executemany("DELETE FROM prompts WHERE prompt_id = ?", rows)
-                self.db.executemany("INSERT OR IGNORE INTO forgotten_ids (prompt_id) VALUES (?)", rows)
+                self.db.executemany("DELETE FROM prompts WHERE prompt_id = ?", [(i,) for i in ids])
+                self.db.executemany("INSERT OR IGNORE INTO forgotten_ids (prompt_id, user_id) VALUES (?, ?)",
+                                    [(i, owners.get(i, "")) for i in ids])
         except sqlite3.Error as e:
             raise StoreError(str(e)) from None
+
+    def forgotten_owner(self, job_id: str) -> str | None:
+        try:
+            row = self.db.execute("SELECT user_id FROM forgotten_ids WHERE prompt_id = ?", (job_id,)).fetchone()
+        except sqlite3.Error as e:
+            raise StoreError(str(e)) from None
+        return row[0] if row else None
 
     def id_used(self, job_id: str) -> bool:
         try:
