@@ -167,3 +167,47 @@ async def test_an_outcome_seen_on_the_event_stream_is_still_owed_to_the_websocke
         alice = await h.connect("alice")
         # (were the stream's "done" counted as telling the owner, this would never come)
         await alice.next("execution_success", lambda m: m["data"]["prompt_id"] == job_id)
+
+
+async def test_many_watchers_of_a_busy_job_all_see_its_end_at_once(tmp_path):
+    """Events that arrive while a stream is flushing are sent without waiting for the next
+    wake-up (a lost wake-up had held watchers until the keepalive, 15 s). The proxy is a real
+    process, so that its flushes and ComfyUI's events interleave as in production."""
+    from comfy_ws_proxy.testing.comfyui import ComfySimulator
+    from comfy_ws_proxy.testing.tokens import DevKey
+
+    from .test_durability import ProxyProcess
+
+    sim = ComfySimulator()
+    await sim.start()
+    key = DevKey.generate()
+    proxy = ProxyProcess(tmp_path, sim.url, key, sse_heartbeat_s=3600, max_event_streams_per_user=200)
+    try:
+        await proxy.start()
+        token = key.token("alice")
+        sim.paused = True
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        body = json.dumps(many_events(400)).encode()
+        writer.write(f"POST /generate HTTP/1.0\r\nAuthorization: Bearer {token}\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        job_id = json.loads(body_of(await read_until_closed(reader))[1])["job_id"]
+        writer.close()
+        streams = []
+        for _ in range(100):
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            writer.write(f"GET /job/{job_id}/events HTTP/1.0\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
+            streams.append((reader, writer))
+        for reader, _ in streams:
+            await asyncio.wait_for(reader.readuntil(b"event: snapshot"), TIMEOUT)
+        sim.paused = False
+        bodies = await asyncio.gather(*(read_until_closed(reader) for reader, _ in streams))
+        for _, writer in streams:
+            writer.close()
+        for data in bodies:
+            events, _ = parse(b"id: 0-0\nevent: snapshot" + data)
+            assert events[-1]["event"] == "done"
+    finally:
+        if proxy.proc is not None and proxy.proc.returncode is None:
+            proxy.proc.terminate()
+            await proxy.proc.wait()
+        await sim.stop()

@@ -195,14 +195,15 @@ class JobEventsHandler(UserHandler):
                 return
             if not await self._send():
                 return
-            self._waiter = asyncio.get_running_loop().create_future()
-            log.waiters.append(self._waiter)
-            try:
-                await asyncio.wait_for(asyncio.shield(self._waiter), self.heartbeat)
-            except asyncio.TimeoutError:
-                if self._waiter in log.waiters:
-                    log.waiters.remove(self._waiter)
-                self.write(": keepalive\n\n")
+            if log.next_offset - 1 == offset:  # (events that came during the flush are sent at once)
+                self._waiter = asyncio.get_running_loop().create_future()
+                log.waiters.append(self._waiter)
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._waiter), self.heartbeat)
+                except asyncio.TimeoutError:
+                    if self._waiter in log.waiters:
+                        log.waiters.remove(self._waiter)
+                    self.write(": keepalive\n\n")
             if self.request.connection.stream is None or self.request.connection.stream.closed():
                 return
             pending = log.after(offset)

@@ -757,9 +757,10 @@ class NodeHold:
 class ComfySimulator:
     """A ComfyUI 0.3.64 look-alike on the current IOLoop. See the module docstring."""
 
-    def __init__(self, *, node_delay: float = 0.0, step_delay: float = 0.0):
+    def __init__(self, *, node_delay: float = 0.0, step_delay: float = 0.0, control: bool = False):
         self.node_delay = node_delay  # seconds each executed node "works"
         self.step_delay = step_delay  # seconds per SaveImageWebsocket image
+        self.control = control  # serve POST /__sim/pause and /__sim/resume (benchmarks' remote control)
         self.address = "127.0.0.1"
         self.port: int | None = None
         # fault injection
@@ -899,6 +900,7 @@ class ComfySimulator:
                 (prefix + r"/history/([^/]+)", HistoryItemHandler, kw),
                 (prefix + r"/view", ViewHandler, kw),
                 (prefix + r"/upload/image", UploadImageHandler, kw),
+            ] + ([(prefix + r"/__sim/(pause|resume)", SimControlHandler, kw)] if self.control else []) + [
                 (prefix + r"/system_stats", SystemStatsHandler, kw),
                 (prefix + r"/features", FeaturesHandler, kw),
                 (prefix + r"/object_info", ObjectInfoHandler, kw),
@@ -1713,6 +1715,14 @@ class ViewHandler(SimHandler):
         self.finish(data)
 
 
+class SimControlHandler(SimHandler):
+    """Not ComfyUI's: with --control, a benchmark pauses and resumes the worker from outside."""
+
+    def post(self, what: str) -> None:
+        self.sim.paused = what == "pause"
+        self.empty(200)
+
+
 class UploadImageHandler(SimHandler):
     """POST /upload/image (multipart: image, subfolder, type, overwrite), as server.py's
     image_upload: a path outside the folder is a 400; without overwrite a taken name becomes
@@ -1879,11 +1889,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", default="127.0.0.1")
     parser.add_argument("--node-delay", type=float, default=0.0, help="seconds each executed node takes")
     parser.add_argument("--step-delay", type=float, default=0.0, help="seconds per SaveImageWebsocket image")
+    parser.add_argument("--control", action="store_true",
+                        help="serve POST /__sim/pause and /__sim/resume (not ComfyUI's: for benchmarks)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     async def run() -> None:
-        sim = ComfySimulator(node_delay=args.node_delay, step_delay=args.step_delay)
+        sim = ComfySimulator(node_delay=args.node_delay, step_delay=args.step_delay, control=args.control)
         await sim.start(args.port, args.address)
         log.warning("ComfyUI %s SIMULATOR (a test double, not ComfyUI) listening on %s", COMFYUI_VERSION, sim.url)
         try:
