@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from tornado.httpclient import AsyncHTTPClient  # noqa: E402
 
 from comfy_ws_proxy.client import AuthenticationError, ProxyClient, ProxyError  # noqa: E402
+from comfy_ws_proxy.client.http import JobsClient  # noqa: E402
 
 EXIT_OK, EXIT_FAILED, EXIT_AUTH, EXIT_INTERRUPTED = 0, 1, 2, 130
 CANCEL_WAIT_S = 5.0  # after Ctrl-C: for the cancel's answer, then for the prompt's end
@@ -250,6 +251,79 @@ async def run(args) -> int:
     return EXIT_OK if result.status == "success" else EXIT_FAILED
 
 
+async def run_http(args) -> int:
+    """--http: the same run through the jobs REST API (POST /generate, GET /job with Prefer:
+    wait, the outputs by URL, POST /job/<id>/cancel on Ctrl-C)."""
+    workflow = read_workflow(args.workflow)
+    base = args.url if args.url.startswith("http") else http_base(args.url)
+    say = (lambda line: None) if args.json else (lambda line: print(line, flush=True))
+    loop = asyncio.get_running_loop()
+    interrupted = asyncio.Event()
+    loop.add_signal_handler(signal.SIGINT, interrupted.set)
+    prompt_id = str(uuid.uuid4())  # ours: a Ctrl-C can cancel it whatever has been answered
+    jobs = JobsClient(base, args.token)
+
+    async def follow() -> dict:
+        job = await jobs.submit(workflow, prompt_id=prompt_id)
+        say(f"prompt {job['job_id']} accepted ({job['status']})")
+        while job["status"] not in ("completed", "failed", "cancelled", "timed_out"):
+            job = await jobs.get(job["job_id"], wait=2)
+            progress = job.get("progress") or {}
+            if not args.json and job["status"] == "processing":
+                sys.stderr.write(f"\r{bar(progress.get('nodes_done') or 0, progress.get('nodes_total') or 1)} nodes"
+                                 .ljust(60))
+                sys.stderr.flush()
+        return job
+
+    try:
+        work = asyncio.ensure_future(follow())
+        stop = asyncio.ensure_future(interrupted.wait())
+        await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():
+            loop.add_signal_handler(signal.SIGINT, lambda: os._exit(EXIT_INTERRUPTED))
+            work.cancel()
+            print(f"interrupted: cancelling prompt {prompt_id}", file=sys.stderr)
+            try:
+                job = await asyncio.wait_for(jobs.cancel(prompt_id), CANCEL_WAIT_S)
+                job = await asyncio.wait_for(jobs.wait(prompt_id, CANCEL_WAIT_S), CANCEL_WAIT_S + 5)
+                print(f"prompt {prompt_id}: {job['status']}", file=sys.stderr)
+            except (ProxyError, asyncio.TimeoutError, ConnectionError) as e:
+                job = {"job_id": prompt_id, "status": "interrupted"}
+                print(f"cancel: {e}", file=sys.stderr)
+            if args.json:
+                print(json.dumps({"prompt_id": prompt_id, "status": "interrupted", "job": job}))
+            return EXIT_INTERRUPTED
+        stop.cancel()
+        job = work.result()
+        if not args.json:
+            sys.stderr.write("\n")
+        saved = await jobs.download(job, args.download) if args.download and job["status"] == "completed" else []
+    except ProxyError as e:
+        for line in refused_lines(e):
+            print(line, file=sys.stderr)
+        if args.json:
+            print(json.dumps({"prompt_id": e.prompt_id, "status": "rejected", "error": e.data}))
+        return EXIT_AUTH if isinstance(e, AuthenticationError) else EXIT_FAILED
+    except ConnectionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        jobs.close()
+    say(f"prompt {job['job_id']}: {job['status']}")
+    if job.get("error"):
+        print(f"error: {job['error'].get('code')}: {job['error'].get('message')}", file=sys.stderr)
+    for output in job.get("outputs") or []:
+        folder = f"{output['subfolder']}/" if output.get("subfolder") else ""
+        say(f"  node {output['node_id']}: {output['type']}/{folder}{output['filename']}")
+    for path in saved:
+        say(f"  saved {path}")
+    if args.json:
+        print(json.dumps({"prompt_id": job["job_id"], "status": job["status"], "job": job,
+                          **({"downloaded": saved} if args.download else {})}))
+    return EXIT_OK if job["status"] == "completed" else EXIT_FAILED
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
                                      epilog="exit status: 0 success, 1 failed or refused, 2 token refused, "
@@ -260,13 +334,15 @@ def main() -> int:
                         help="a JWT (or set COMFY_WS_PROXY_TOKEN)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object (prompt_id, status, outputs, error) on stdout, no progress")
+    parser.add_argument("--http", action="store_true",
+                        help="use the jobs REST API (POST /generate, GET /job/<id>) instead of the WebSocket")
     parser.add_argument("--download", metavar="DIR",
                         help="save the output images into DIR (by HTTP, from /outputs/<prompt_id>/view)")
     args = parser.parse_args()
     if not args.token:
         parser.error("--token is required (mint one with scripts/dev_token.py --sub alice)")
     try:
-        return asyncio.run(run(args))
+        return asyncio.run(run_http(args) if args.http else run(args))
     except KeyboardInterrupt:  # before the handler was in place
         return EXIT_INTERRUPTED
 

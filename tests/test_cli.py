@@ -109,3 +109,64 @@ async def test_ctrl_c_cancels_the_running_prompt_and_exits_130(io_loop):
         assert f"interrupted: cancelling prompt {prompt_id}" in err
         assert f"prompt {prompt_id}: interrupted" in err
         assert (await asyncio.wait_for(finished, TIMEOUT)).state == "interrupted"
+
+
+async def test_the_http_path_submits_waits_downloads_and_cancels(io_loop):
+    """--http: the same run through the jobs REST API; Ctrl-C cancels by POST /job/<id>/cancel."""
+    async with ProxyHarness() as h:
+        url = f"http://127.0.0.1:{h.port}"
+        with tempfile.TemporaryDirectory() as folder:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, CLI, "--http", "--url", url, "--token", h.token("alice"), "--json",
+                "--download", folder, os.path.join(WORKFLOWS, "success.json"), stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, env=dict(os.environ, PYTHONPATH=ROOT))
+            out, err = await asyncio.wait_for(process.communicate(), TIMEOUT * 2)
+            assert process.returncode == 0, err
+            result = json.loads(out)
+            assert result["status"] == "completed" and h.state.tracker.get(result["prompt_id"]).state == "success"
+            assert len(result["downloaded"]) == len(result["job"]["outputs"]) == 2
+            for path in result["downloaded"]:
+                with open(path, "rb") as f:
+                    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        hold = h.sim.hold_node("3")
+        cancelled = asyncio.get_running_loop().create_future()
+        cancel = h.state.service.cancel
+
+        async def observed_cancel(owner, job_id):
+            await cancel(owner, job_id)
+            if not cancelled.done():
+                cancelled.set_result(job_id)
+        h.state.service.cancel = observed_cancel
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, CLI, "--http", "--url", url, "--token", h.token("alice"),
+            os.path.join(WORKFLOWS, "long-running.json"), stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env=dict(os.environ, PYTHONPATH=ROOT))
+        try:
+            line = (await asyncio.wait_for(process.stdout.readline(), TIMEOUT)).decode()
+            assert line.startswith("prompt ") and "accepted" in line, line
+            prompt_id = line.split()[1]
+            await asyncio.wait_for(hold.reached, TIMEOUT)
+            finished = job_finished(h.state, prompt_id)
+            process.send_signal(signal.SIGINT)
+            assert await asyncio.wait_for(cancelled, TIMEOUT) == prompt_id  # POST /job/<id>/cancel
+            hold.release()
+            await asyncio.wait_for(finished, TIMEOUT)  # interrupted in ComfyUI
+            out, err = await asyncio.wait_for(process.communicate(), TIMEOUT)
+            assert process.returncode == 130, err
+            assert h.state.tracker.get(prompt_id).state == "interrupted"
+            assert "Traceback" not in err.decode()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+        code, out, err = await run_cli_http(h, "not-a-jwt", "success")
+        assert code == 2 and "refused the token (malformed)" in err
+
+
+async def run_cli_http(h, token, workflow_name):
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, CLI, "--http", "--url", f"http://127.0.0.1:{h.port}", "--token", token,
+        os.path.join(WORKFLOWS, workflow_name + ".json"), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env=dict(os.environ, PYTHONPATH=ROOT))
+    out, err = await asyncio.wait_for(process.communicate(), TIMEOUT * 2)
+    return process.returncode, out.decode(), err.decode()

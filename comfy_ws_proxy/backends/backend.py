@@ -258,9 +258,10 @@ class Backend:
 
         ``on_headers`` gets the status and headers, ``on_chunk`` each piece of a 200 or 206
         body; the next piece is read only once the awaitable it returns is done, so a client
-        that reads slowly slows the download instead of filling the proxy's memory
-        (AsyncHTTPClient's streaming_callback cannot wait). ``on_chunk`` answering False ends
-        the download.
+        that reads slowly slows the download instead of filling the proxy's memory. ``on_chunk``
+        answering False ends the download: the connection to ComfyUI is closed quietly, which
+        AsyncHTTPClient (whose streaming callback may be awaited too) cannot do without raising
+        out of its read loop and logging a traceback per departed client.
         """
         parts = urlsplit(self.base_url)
         tls = parts.scheme == "https"
