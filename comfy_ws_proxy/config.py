@@ -174,6 +174,9 @@ OPTIONS: tuple[Option, ...] = (
          "but a user can tell that someone just loaded the same model)."),
     _opt("shared_input_folder", "str", "",
          "A subfolder of ComfyUI's input folder every user may read (operator-provided assets)."),
+    _opt("jobs_show_backend", "bool", False,
+         "Name the backend that ran a job in the jobs API's answers (operators' choice: it tells users about "
+         "the infrastructure)."),
     _opt("max_wait_s", "float", 60.0,
          "Longest wait a jobs API request may ask for with Prefer: wait=N.", minimum=0),
     _opt("idempotency_key_ttl_s", "int", 86400,

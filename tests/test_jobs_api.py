@@ -271,3 +271,21 @@ async def test_an_expired_job_answers_410_to_its_owner_only():
                 theirs = await call(h, "GET", path, user="bob")
                 assert theirs.code == 404  # nobody else learns the id was ever used
             await h.restart_proxy("term")
+
+
+async def test_an_8_mb_output_downloads_whole_and_resumes_from_a_range():
+    async with ProxyHarness(jobs_show_backend=True) as h:
+        job = parsed(await call(h, "POST", "/generate", body=workflow("success"), headers={"Prefer": "wait=10"}))
+        assert job["backend"] == h.state.pool.default.name
+        output = next(o for o in job["outputs"] if o["type"] == "output")
+        big = bytes(range(256)) * (8 * 1024 * 1024 // 256)
+        h.sim._files[("output", output["subfolder"], output["filename"])] = big
+        whole = await call(h, "GET", output["url"])
+        assert whole.code == 200 and whole.body == big
+        cut = 5_000_003  # a download broken there goes on from there
+        rest = await call(h, "GET", output["url"], headers={"Range": f"bytes={cut}-",
+                                                            "If-Range": whole.headers["Etag"]})
+        assert rest.code == 206 and whole.body[:cut] + rest.body == big
+    async with ProxyHarness() as h:
+        job = parsed(await call(h, "POST", "/generate", body=workflow("success"), headers={"Prefer": "wait=10"}))
+        assert "backend" not in job  # not unless the operator allows it

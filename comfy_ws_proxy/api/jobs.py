@@ -62,6 +62,7 @@ class JobViews:
     def __init__(self, service: JobService, settings, prefix: str):
         self.service = service
         self.retention = settings.finished_prompt_retention_s
+        self.show_backend = settings.jobs_show_backend
         self.prefix = prefix
 
     def job_url(self, job_id: str) -> str:
@@ -92,6 +93,7 @@ class JobViews:
             "queue_position": self.service.queue_position(job),
             "progress": self._progress(job, prompt), "outputs": self._outputs(job), "error": self._error(job),
             "urls": self.urls(job),
+            **({"backend": job.backend or None} if self.show_backend else {}),
         }
 
     @staticmethod
