@@ -8,7 +8,7 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-if ! .venv/bin/python -c "import comfy_ws_proxy, tornado, jwt, prometheus_client, pytest_tornasync, hypothesis, standardwebhooks, openapi_spec_validator" 2>/dev/null \
+if ! .venv/bin/python -c "import comfy_ws_proxy, tornado, jwt, prometheus_client, pytest_tornasync, hypothesis, standardwebhooks, openapi_spec_validator, docutils" 2>/dev/null \
    || [ setup.cfg -nt .venv/.installed ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
   .venv/bin/python -m pip install --quiet -e '.[test]'
