@@ -14,7 +14,7 @@ from tornado.httpclient import AsyncHTTPClient
 from tornado.ioloop import PeriodicCallback
 
 from . import __version__
-from .api.demo import DemoHandler, DemoWorkflowHandler
+from .api.demo import ClientScriptHandler, DemoHandler, DemoWorkflowHandler
 from .api.events import JobEvents, JobEventsHandler
 from .api.jobs import (
     GenerateHandler,
@@ -267,6 +267,7 @@ def routes(state: ProxyState, prefix: str = "") -> list:
         (prefix + r"/outputs/([0-9a-f-]{36})(?:/(view))?", OutputsHandler,
          {**state.user_kwargs(), "service": state.service, "pool": state.pool, "isolation": state.isolation,
           "downloads": state.downloads, "stall_timeout": state.settings.download_stall_timeout_s}),
+        (prefix + r"/static/comfy-ws-proxy-client\.js", ClientScriptHandler),
     ] + ([
         (prefix + r"/demo", DemoHandler, kw),
         (prefix + r"/demo/workflows/([a-z0-9-]+)\.json", DemoWorkflowHandler, kw),
