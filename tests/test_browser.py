@@ -13,7 +13,7 @@ import tornado.web
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
-from .helpers import TIMEOUT, ProxyHarness
+from .helpers import TIMEOUT, ProxyHarness, workflow
 
 CHROMIUM = "/usr/bin/chromium"
 if not os.access(CHROMIUM, os.X_OK):
@@ -168,3 +168,81 @@ async def test_the_demo_page_says_at_once_why_a_submission_was_refused(io_loop):
             log = await asyncio.wait_for(page.text_content("#log"), TIMEOUT)
             assert "node 5 (PreviewImage) input images: Return type mismatch between linked nodes" in log, log
             assert "node 2 (ImageScale) input width: Value 99999 bigger than max of 16384" in log, log
+
+
+async def test_the_demo_page_resumes_after_its_socket_drops(io_loop, tmp_path):
+    """The page's JS client reconnects, sends resume from the last seq it saw, and the prompt
+    it was watching ends on the page (run once, its outputs shown)."""
+    async with ProxyHarness(demo_page=True, max_connections_per_user=2) as h:
+        async with Browser() as b:
+            page = b.page
+            await asyncio.wait_for(page.goto(h.url + "/demo"), TIMEOUT)
+            await asyncio.wait_for(page.fill("#token", h.token("alice")), TIMEOUT)
+            await asyncio.wait_for(page.click("#connect"), TIMEOUT)
+            await asyncio.wait_for(page.wait_for_function(
+                "() => document.getElementById('status').textContent === 'connected'", timeout=MS), TIMEOUT)
+            await asyncio.wait_for(page.select_option("#sample", "long-running"), TIMEOUT)
+            await asyncio.wait_for(page.evaluate("() => { document.getElementById('workflow').value = ''; }"), TIMEOUT)
+            await asyncio.wait_for(page.click("#load"), TIMEOUT)
+            await asyncio.wait_for(page.wait_for_function(
+                "() => document.getElementById('workflow').value.trim().startsWith('{')", timeout=MS), TIMEOUT)
+            hold = h.sim.hold_node("3")
+            await asyncio.wait_for(page.click("#submit"), TIMEOUT)
+            prompt_id = await asyncio.wait_for(hold.reached, TIMEOUT)
+            await asyncio.wait_for(page.wait_for_function(
+                "() => document.body.dataset.state === 'running'", timeout=MS), TIMEOUT)
+            # The TCP connection just ends (no close frame), as when a network drops.
+            (session,) = h.state.registry.all()
+            (conn,) = list(session.connections)
+            conn.ws_connection.stream.close()
+            await asyncio.wait_for(page.wait_for_function(
+                "() => document.body.dataset.resumes === '1' && "
+                "document.getElementById('status').textContent === 'connected'", timeout=MS), TIMEOUT)
+            hold.release()
+            await asyncio.wait_for(page.wait_for_function(
+                "() => document.body.dataset.state === 'done'", timeout=MS), TIMEOUT)
+            await asyncio.wait_for(page.wait_for_function(
+                "() => [...document.querySelectorAll('#outputs img')].some(i => i.complete && i.naturalWidth > 0)",
+                timeout=MS), TIMEOUT)
+            assert (await asyncio.wait_for(page.text_content("#prompt"), TIMEOUT)).strip() == prompt_id
+            assert h.sim.execution_counts[prompt_id] == 1
+            log = await asyncio.wait_for(page.text_content("#log"), TIMEOUT)
+            assert "reconnected: resuming after seq" in log and "resumed: " in log, log
+            path = str(tmp_path / "comfy-ws-proxy-demo.png")
+            await asyncio.wait_for(page.screenshot(path=path, full_page=True), TIMEOUT)
+            with open(path, "rb") as f:
+                assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+            print("screenshot of the demo page:", path)
+
+
+async def test_the_js_client_imported_by_a_page_of_its_own(io_loop):
+    """The module as any same-origin page would use it: imported from /static, with the
+    demo page off (the script is served anyway)."""
+    async with ProxyHarness() as h:
+        app_page = """<!doctype html><html><body><script type="module">
+import {ProxyClient, ProxyError} from "/static/comfy-ws-proxy-client.js";
+const client = new ProxyClient("ws://" + location.host + "/ws", {token: %s});
+await client.connect();
+try { await client.submit({}); } catch (e) { document.body.dataset.refused = e instanceof ProxyError ? e.code : "?"; }
+const job = await client.submit(%s);
+const kinds = [];
+job.on((event) => kinds.push(event instanceof ArrayBuffer ? "binary" : event.type));
+const result = await job.result();
+document.body.dataset.kinds = kinds.join(" ");
+document.body.dataset.result = result.status + " " + Object.keys(result.outputs).length;
+client.close();
+</script></body></html>""" % (json.dumps(h.token("alice")), json.dumps(workflow("success-ws")))
+
+        class Page(tornado.web.RequestHandler):
+            def get(self):
+                self.finish(app_page)
+        # served from the proxy's own origin: the page is added to its Application
+        h.app.wildcard_router.add_rules([(r"/app", Page)])
+        async with Browser() as b:
+            await asyncio.wait_for(b.page.goto(h.url + "/app"), TIMEOUT)
+            await asyncio.wait_for(b.page.wait_for_function("() => document.body.dataset.result !== undefined",
+                                                            timeout=MS), TIMEOUT)
+            data = await asyncio.wait_for(b.page.evaluate("() => ({...document.body.dataset})"), TIMEOUT)
+        assert data["refused"] == "invalid_message", (data, b.console)
+        assert data["result"].startswith("success ") and data["result"] != "success 0", data
+        assert "execution_success" in data["kinds"].split() and "binary" in data["kinds"].split(), data
