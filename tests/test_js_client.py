@@ -28,6 +28,24 @@ def node_command() -> list[str]:
     pytest.skip("this node has no WebSocket")
 
 
+@pytest.mark.parametrize("demo_page", [False, True])
+async def test_the_js_client_is_served_as_javascript(io_loop, demo_page):
+    """At /static/comfy-ws-proxy-client.js, the demo page on or off (public code, nothing of
+    this deployment in it), byte for byte the file in the package, revalidated by ETag."""
+    async with ProxyHarness(demo_page=demo_page) as h:
+        response = await h.get("/static/comfy-ws-proxy-client.js")
+        assert response.code == 200
+        assert response.headers["Content-Type"] == "text/javascript; charset=utf-8"
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        with open(os.path.join(os.path.dirname(HERE), "comfy_ws_proxy", "static", "comfy-ws-proxy-client.js"),
+                  "rb") as f:
+            assert response.body == f.read()
+        again = await h.get("/static/comfy-ws-proxy-client.js", headers={"If-None-Match": response.headers["Etag"]})
+        assert again.code == 304
+        assert (await h.get("/static/demo.html")).code == 404  # only the client is served from /static
+        assert (await h.get("/demo")).code == (200 if demo_page else 404)
+
+
 async def test_the_js_client_in_node(io_loop):
     command = node_command()
     wall = FakeClock(time.time())
