@@ -52,7 +52,7 @@ async def test_the_js_client_in_node(io_loop):
     async with ProxyHarness(wall=wall, jwt_leeway_s=30, ws_ping_interval_s=0, max_connections_per_user=4,
                             sim_kwargs={"step_delay": 0.02}) as h:
         env = {**os.environ, "PROXY_WS_URL": f"ws://127.0.0.1:{h.port}/ws", "WORKFLOW_DIR": WORKFLOWS,
-               "TOKEN_ALICE": h.token("alice"), "TOKEN_SHORT": h.token("bob", ttl=60),
+               "TOKEN_ALICE": h.token("alice"), "TOKEN_CAROL": h.token("carol"), "TOKEN_SHORT": h.token("bob", ttl=60),
                "TOKEN_FRESH": h.token("bob", ttl=7200), "NODE_NO_WARNINGS": "1"}
         proc = await asyncio.create_subprocess_exec(
             *command, "--test-reporter=spec", SCRIPT, env=env, cwd=os.path.dirname(HERE),
@@ -73,6 +73,11 @@ async def test_the_js_client_in_node(io_loop):
                         holds.append(h.sim.hold_node("3"))
                     elif step == "release":
                         holds[-1].release()
+                    elif step == "drop":
+                        for session in h.state.registry.all():
+                            if session.user_id == "carol":
+                                for conn in list(session.connections):
+                                    conn.ws_connection.stream.close()  # no close frame
                     else:
                         # warn: past the short token's warn_at (half its time left: deadline = exp +
                         # leeway = now + 90 s, warn_at = now + 45 s); expire: past the deadline
@@ -87,4 +92,4 @@ async def test_the_js_client_in_node(io_loop):
                 await proc.wait()
         print("\n".join(output))
         assert code == 0, "\n".join(output)
-        assert any("pass 4" in line for line in output), "\n".join(output)
+        assert any("pass 5" in line for line in output), "\n".join(output)

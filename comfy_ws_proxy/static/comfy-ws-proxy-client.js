@@ -244,7 +244,6 @@ export class ProxyClient {
   _closed(ev, opened, ready) {
     this.ws = null;
     const code = ev.code;
-    const first = !ready.done;  // closed before its session message
     for (const [ref, p] of this._pending) {
       if (!p.survives) { this._pending.delete(ref); settle(p.d, new ConnectionError("connection lost before the answer", code)); }
     }
@@ -257,12 +256,14 @@ export class ProxyClient {
     } else if (!opened && !this.tokenProvider && this._tokenExpired()) {
       // (a browser cannot see the upgrade's 401; a token past its exp is what it would say)
       error = new AuthenticationError({reason: "expired", message: "The token has expired"});
-    } else if (first && this.state === "connecting") {
-      error = new ConnectionError(opened ? `the proxy closed the connection (${code})`
-        : "connection failed (a refused token gets HTTP 401 before the upgrade)", code);
-      settle(ready, error);
-      this._setState("idle", {code});
-      return;  // connect() rejects; nothing pending depends on it yet
+    }
+    if (!ready.greeted) {
+      // This socket never got its session: connect() rejects, or the reconnect loop retries.
+      settle(ready, error || new ConnectionError(opened ? `the proxy closed the connection (${code})`
+        : "connection failed (a refused token gets HTTP 401 before the upgrade)", code));
+      if (this.state === "connecting") { this._setState("idle", {code}); return; }
+      if (error) this._end(error);
+      return;
     }
     if (error || !this.reconnect) return this._end(error || new ConnectionError(`connection closed (${code})`, code));
     this._setState("reconnecting", {code});
@@ -284,7 +285,7 @@ export class ProxyClient {
         await this._open(true);
       } catch (e) {
         if (e instanceof AuthenticationError) return this._end(e);
-        if (this.ws === null && !this.failure && !this._closing) {
+        if (!this.failure && !this._closing) {
           this._scheduleReconnect(Math.min(delay * 2, this.reconnectMaxMs));
         }
       }
@@ -346,6 +347,8 @@ export class ProxyClient {
   _session(msg, ready) {
     const data = msg.data || {};
     const resuming = this.sessionId !== null && this.sessionId === data.session_id && this.lastSeq > 0;
+    if (this.sessionId !== data.session_id) this.lastSeq = 0;  // a new session counts from 1
+    ready.greeted = true;
     this.sessionId = data.session_id;
     this.userId = data.user_id;
     if (typeof msg.seq === "number") this.lastSeq = Math.max(this.lastSeq, msg.seq);

@@ -81,6 +81,30 @@ test("cancel interrupts a running prompt", async () => {
   client.close();
 });
 
+test("a dropped socket is reopened and resumed: the prompt's events arrive once, in order", async () => {
+  const client = newClient({token: env.TOKEN_CAROL, reconnectMinMs: 20});
+  await client.connect();
+  await step("hold");
+  const job = await client.submit(workflow("long-running"));
+  const inNode3 = (e) => e.type === "executing" && e.data.node === "3";
+  await new Promise((resolve) => {
+    if (job.events.some(inNode3)) return resolve();
+    const off = job.on((e) => { if (inNode3(e)) { off(); resolve(); } });
+  });
+  const resumed = once(client, "resumed");
+  const sessionId = client.sessionId;
+  await step("drop");  // carol's TCP connection just ends
+  const state = await resumed;
+  assert.equal(client.sessionId, sessionId);
+  assert.ok(state.prompts.some((p) => p.prompt_id === job.promptId), JSON.stringify(state));
+  await step("release");
+  const result = await job.result();
+  assert.equal(result.status, "success");
+  const seqs = job.events.filter((e) => typeof e.seq === "number").map((e) => e.seq);
+  assert.deepEqual(seqs, [...new Set(seqs)].sort((a, b) => a - b));
+  client.close();
+});
+
 test("token_expiring: the provider's token goes over in band; 4001 without one ends the client", async () => {
   const provided = [];
   const refreshing = newClient({token: env.TOKEN_SHORT,
