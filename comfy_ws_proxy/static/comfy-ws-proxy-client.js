@@ -417,7 +417,9 @@ export class ProxyClient {
       settle(d, new ConnectionError(`no answer to ${kind} in ${timeoutMs} ms`));
     }, timeoutMs) : null;
     try {
-      await this._whenConnected();
+      // (a request that timed out, or a client that ended, while waiting is not sent later)
+      await Promise.race([this._whenConnected(), d.promise]);
+      if (d.done) return await d.promise;
       // type and ref first, a prompt's id before the prompt: a message too large for the
       // proxy to read is still answered with them (it reads its beginning)
       this.ws.send(JSON.stringify({type: kind, ref, data}));
