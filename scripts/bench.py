@@ -97,9 +97,35 @@ def rate_source_main(port: int, rate: float, heavy_rate: float, heavy_pad: int) 
     sockets: dict = {}
     streams: set = set()
     active: dict = {}  # prompt_id -> (number, client_id, task): reported as running by GET /queue
+    history: dict = {}  # prompt_id -> ComfyUI's history entry, once its stream stopped
     counter = {"number": 0}
 
+    def ended(cid: str, pid: str) -> None:
+        """A stream that stops (stop_all, the deadline, its socket gone) ends its prompt as an
+        interrupt ends one in ComfyUI: in /history, and its socket told. A prompt that merely
+        vanished would be, to the proxy, one a restarted ComfyUI forgot: after JOB_WATCHDOG_S
+        it is sent again, and its new stream, to a user who left, would load the next rounds."""
+        history[pid] = {"prompt": [0, pid, PROMPT, {"client_id": cid}, []], "outputs": {},
+                        "status": {"status_str": "error", "completed": False,
+                                   "messages": [["execution_interrupted", {"prompt_id": pid}]]}}
+        ws = sockets.get(cid)
+        if ws is None:
+            return
+        for kind, data in (("execution_interrupted", {"prompt_id": pid, "node_id": "3", "node_type": "KSampler",
+                                                      "executed": []}),
+                           ("executing", {"node": None, "prompt_id": pid})):
+            try:
+                ws.write_message(json.dumps({"type": kind, "data": data}, separators=(",", ":")))
+            except WebSocketClosedError:
+                return
+
     async def stream(cid: str, pid: str) -> None:
+        try:
+            await _stream(cid, pid)
+        finally:
+            ended(cid, pid)
+
+    async def _stream(cid: str, pid: str) -> None:
         heavy = pid.startswith(HEAVY_PREFIX)
         r = heavy_rate if heavy else rate
         pad = ("x" * heavy_pad) if heavy else None
@@ -204,6 +230,11 @@ def rate_source_main(port: int, rate: float, heavy_rate: float, heavy_pad: int) 
         def post(self, *args):
             self.reply({})
 
+    class History(Json):
+        def get(self, pid=None):
+            entry = history.get(pid) if pid else None
+            self.reply({pid: entry} if entry is not None else {})
+
     class Stats(Json):
         def get(self):
             self.reply({"system": {"comfyui_version": "bench-rate-source"}, "devices": []})
@@ -211,7 +242,7 @@ def rate_source_main(port: int, rate: float, heavy_rate: float, heavy_pad: int) 
     routes = []
     for prefix in ("", "/api"):
         routes += [(prefix + "/ws", Ws), (prefix + "/prompt", Prompt), (prefix + "/queue", Queue),
-                   (prefix + "/system_stats", Stats), (prefix + "/history(?:/.*)?", Empty),
+                   (prefix + "/system_stats", Stats), (prefix + "/history", History), (prefix + "/history/([^/]+)", History),
                    (prefix + "/interrupt", Empty), (prefix + "/features", Empty)]
     routes.append(("/bench/stop_all", StopAll))
 
