@@ -13,7 +13,7 @@ import json
 import logging
 import random
 from collections import deque
-from typing import Protocol
+from typing import Callable, Protocol
 
 from . import wsclient
 from .backend import Backend
@@ -88,14 +88,17 @@ class ComfyLink:
 
     def __init__(self, owner: str, backend: Backend, client_id: str, sink: LinkSink, *, max_message_size: int,
                  ping_interval: float, reconnect_min: float, reconnect_max: float,
-                 preview_metadata: bool = True):
+                 preview_metadata: bool = True,
+                 deliver: Callable[[Routed, str | bytes | bytearray], None] | None = None):
         self.owner = owner
         self.backend = backend
         self.client_id = client_id
         self.sink = sink
         self._owns = functools.partial(sink.owns, owner)
         self._is_running = sink.is_running
-        self._deliver = functools.partial(sink.link_frame, self)
+        # What sink.link_frame(self, ...) does, if the sink can say it without the extra call
+        # (the LinkManager binds the tracker's upstream_frame to this link's owner and backend).
+        self._deliver = deliver if deliver is not None else functools.partial(sink.link_frame, self)
         self.max_message_size = max_message_size
         self.ping_interval = ping_interval or None
         self.reconnect_min = reconnect_min
@@ -235,7 +238,11 @@ class ComfyLink:
             self.last_status_at = asyncio.get_running_loop().time()
             self._registered()
             return
-        if routed.kind == "status":
+        kind = routed.kind
+        if kind == "progress":  # the most frequent frame: it starts and ends nothing
+            self._deliver(routed, message)
+            return
+        if kind == "status":
             self.last_status_at = asyncio.get_running_loop().time()
             self.sink.link_status(self, message)
             return

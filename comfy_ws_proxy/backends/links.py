@@ -16,6 +16,7 @@ wiring). The manager also watches the links' health:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Callable, Iterable, Protocol
 
@@ -75,7 +76,8 @@ class LinkManager:
                              ping_interval=s.upstream_ping_interval_s,
                              reconnect_min=s.upstream_reconnect_min_ms / 1000,
                              reconnect_max=s.upstream_reconnect_max_ms / 1000,
-                             preview_metadata=s.upstream_preview_metadata)
+                             preview_metadata=s.upstream_preview_metadata,
+                             deliver=functools.partial(self.frames.upstream_frame, owner, backend.name))
             self.links[owner, backend.name] = link
             link.start()
         return link
@@ -128,7 +130,8 @@ class LinkManager:
         self._handles.add(handle)
 
     # --- what the links tell (LinkSink) ---------------------------------------------------------
-        # owns, is_running and link_frame: the frame sink's own, bound in __init__ (hot path)
+        # owns and is_running: the frame sink's own, bound in __init__; a link's frames go
+        # straight to frames.upstream_frame, bound per link in ensure() (the relay's hot path)
 
     def link_frame(self, link: ComfyLink, routed: Routed, frame) -> None:
         self.frames.upstream_frame(link.owner, link.backend.name, routed, frame)

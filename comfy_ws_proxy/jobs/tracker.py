@@ -28,6 +28,7 @@ from ..store import JobStore, StoreError
 log = logging.getLogger(__name__)
 
 PLACED = frozenset({JobState.SUBMITTING, JobState.PENDING, JobState.RUNNING})
+UNFINISHED = JobState.UNFINISHED
 
 
 class JobSubscriber(Protocol):
@@ -322,7 +323,7 @@ class JobTracker:
             return
         job.last_heard = self.clock()
         kind = routed.kind
-        if job.finished:
+        if job.state not in UNFINISHED:  # (job.finished, without the property's call: hot path)
             if job.state == JobState.CANCELLED:
                 # Its owner was told it is cancelled: none of it is delivered, and it is stopped.
                 if kind == "execution_start" or not job.withdrawn:
@@ -335,7 +336,10 @@ class JobTracker:
             return
         if job.final_seen:
             return  # a gap job's outcome is being read from history: it will be replayed whole
-        if kind == "execution_start":
+        if kind == "progress":
+            data = routed.data  # a tuple: this is the relay's most frequent event
+            job.current = (data.get("node"), data.get("value"), data.get("max"))
+        elif kind == "execution_start":
             if job.state != JobState.RUNNING:
                 self.move(job, JobState.RUNNING, outcome_unknown=False, started_at=self.wall())
                 log.info("prompt running user=%s prompt=%s", job.owner, job.job_id)
@@ -347,9 +351,6 @@ class JobTracker:
             if output is not None and isinstance(node, str):
                 job.outputs[node] = output
                 self.save(job)
-        elif kind == "progress":
-            data = routed.data  # a tuple: this is the relay's most frequent event
-            job.current = (data.get("node"), data.get("value"), data.get("max"))
         elif kind == "execution_cached":
             nodes = routed.data.get("nodes")
             if isinstance(nodes, list):
