@@ -32,8 +32,12 @@ UNFINISHED = JobState.UNFINISHED
 
 
 class JobSubscriber(Protocol):
-    def job_notice(self, job: Job, kind: str, data: dict) -> bool: ...
-    def job_frame(self, job: Job | None, kind: str, frame: str | bytes | bytearray) -> bool: ...
+    """Returns True when a live socket was given the message. ``on_sent``, if given, is called
+    (at once or later, maybe more than once) when one socket's kernel has the message's bytes:
+    from then on a crash of this process no longer loses it, so an outcome counts as told."""
+    def job_notice(self, job: Job, kind: str, data: dict, on_sent: Callable[[], None] | None = None) -> bool: ...
+    def job_frame(self, job: Job | None, kind: str, frame: str | bytes | bytearray,
+                  on_sent: Callable[[], None] | None = None) -> bool: ...
 
 
 def replayed(kind: str, data: dict) -> str:
@@ -263,26 +267,39 @@ class JobTracker:
             if not subs:
                 del self.subscribers[owner]
 
-    def notify(self, job: Job, kind: str, data: dict) -> bool:
+    def notify(self, job: Job, kind: str, data: dict, on_sent: Callable[[], None] | None = None) -> bool:
         """A proxy message about ``job`` to every subscriber of its owner."""
         delivered = False
         for sub in list(self.subscribers.get(job.owner, ())):
-            delivered = sub.job_notice(job, kind, data) or delivered
+            delivered = sub.job_notice(job, kind, data, on_sent) or delivered
         return delivered
 
-    def _publish_frame(self, job: Job | None, owner: str, kind: str, frame) -> bool:
+    def _publish_frame(self, job: Job | None, owner: str, kind: str, frame,
+                       on_sent: Callable[[], None] | None = None) -> bool:
         delivered = False
         for sub in list(self.subscribers.get(owner, ())):
-            delivered = sub.job_frame(job, kind, frame) or delivered
+            delivered = sub.job_frame(job, kind, frame, on_sent) or delivered
         return delivered
 
     def _deliver(self, job: Job, kind: str, frame) -> None:
         if job.holding:
             job.held.append((kind, frame))
             return
-        if self._publish_frame(job, job.owner, kind, frame) and kind in FINAL_EVENTS and not job.told:
-            job.told = True
-            self.save(job)
+        if kind in FINAL_EVENTS and not job.told:
+            self._publish_frame(job, job.owner, kind, frame, self._told_callback(job))
+        else:
+            self._publish_frame(job, job.owner, kind, frame)
+
+    def _told_callback(self, job: Job) -> Callable[[], None]:
+        """Marks the job's outcome told once a socket's kernel has it, not when it is queued
+        in this process: a crash before the bytes left would otherwise lose an outcome that
+        is no longer owed (the resume buffer dies with the process)."""
+        def told() -> None:
+            if not job.told:
+                job.told = True
+                if self.jobs.get(job.job_id) is job:  # (not once it was forgotten)
+                    self.save(job)
+        return told
 
     def hold(self, job: Job) -> None:
         job.holding = True
@@ -400,8 +417,8 @@ class JobTracker:
 
     def end_without_running(self, job: Job, state: str, kind: str, data: dict) -> None:
         """Cancelled or rejected: the owner hears it from us, not from ComfyUI."""
-        told = self.notify(job, kind, data)
-        self.move(job, state, outcome_unknown=False, result=data, told=told)
+        self.notify(job, kind, data, self._told_callback(job))
+        self.move(job, state, outcome_unknown=False, result=data)
         self.metrics.prompts.labels(state).inc()
         log.info("prompt %s user=%s prompt=%s", state, job.owner, job.job_id)
 
@@ -434,15 +451,17 @@ class JobTracker:
 
     def deliver_owed(self, owner: str, subscriber: JobSubscriber) -> list[str]:
         """Give ``subscriber`` (a socket that just opened) every outcome its owner is owed:
-        outputs, final event, end marker, all marked ``replayed``. Returns their job ids."""
+        outputs, final event, end marker, all marked ``replayed``. Returns their job ids (each
+        is told once the socket's kernel has it)."""
         delivered = []
         for job in self.owed(owner):
             job_id = job.job_id
             data = job.result or {"prompt_id": job_id}
+            told = self._told_callback(job)
             if job.state == JobState.CANCELLED:
-                ok = subscriber.job_notice(job, "prompt_cancelled", {"prompt_id": job_id, "replayed": True})
+                ok = subscriber.job_notice(job, "prompt_cancelled", {"prompt_id": job_id, "replayed": True}, told)
             elif job.state in (JobState.REJECTED, JobState.LOST):
-                ok = subscriber.job_notice(job, "error", {**data, "replayed": True})
+                ok = subscriber.job_notice(job, "error", {**data, "replayed": True}, told)
             else:
                 for node_id, output in job.outputs.items():
                     subscriber.job_frame(job, "executed", replayed("executed", {
@@ -451,11 +470,9 @@ class JobTracker:
                     subscriber.job_notice(job, "prompt_timed_out", {"prompt_id": job_id, "timeout_s": job.timeout_s,
                                                                     "replayed": True})
                 kind = FINAL_EVENT_OF[job.state]
-                ok = subscriber.job_frame(job, kind, replayed(kind, data))
+                ok = subscriber.job_frame(job, kind, replayed(kind, data), told)
                 subscriber.job_frame(job, "executing", replayed("executing", {"node": None, "prompt_id": job_id}))
             if ok:
-                job.told = True
-                self.save(job)
                 delivered.append(job_id)
         return delivered
 
