@@ -36,10 +36,12 @@ from .api.ops import (
 from .api.outputs import DownloadSlots, OutputsHandler
 from .api.uploads import UploadHandler
 from .auth import build_verifier
+from .config import BackendSpec, backend_specs
 from .backends.backend import Backend
 from .backends.breaker import CircuitBreaker
 from .backends.links import LinkManager
 from .backends.pool import BackendPool
+from .backends.scheduler import Scheduler
 from .gateway.connection import ClientConnection, ClientPinger
 from .gateway.session import SessionRegistry
 from .jobs.isolation import UserIsolation
@@ -100,17 +102,9 @@ class ProxyState:
         self.metrics = Metrics()
         self.http = http_client or AsyncHTTPClient(force_instance=True, max_clients=HTTP_CLIENT_MAX_CLIENTS)
         self._own_http = http_client is None
-        breaker = CircuitBreaker(failure_threshold=settings.breaker_failure_threshold,
-                                 open_seconds=settings.breaker_open_ms / 1000,
-                                 max_open_seconds=settings.breaker_max_open_ms / 1000)
-        backend = Backend(settings.comfy_url, self.http, breaker=breaker, clock=clock,
-                          connect_timeout=settings.comfy_connect_timeout_ms / 1000,
-                          request_timeout=settings.comfy_request_timeout_ms / 1000,
-                          probe_timeout=settings.breaker_probe_timeout_ms / 1000,
-                          probe_interval_ms=min(PROBE_CHECK_MS, settings.breaker_open_ms))
-        self.metrics.set_breaker(backend.name, backend.breaker.state.value)
-        backend.add_breaker_listener(lambda old, new: self._breaker_changed(backend.name, new.value))
-        self.pool = BackendPool([backend], queue_depth=settings.backend_queue_depth)
+        backends = [self._backend(spec) for spec in backend_specs(settings)]
+        self.pool = BackendPool(backends, queue_depth=settings.backend_queue_depth,
+                                scheduler=Scheduler(clock, settings.affinity_max_wait_s))
         self.store = open_store(settings.store_path)
         # the domain
         self.tracker = JobTracker(self.store, self.metrics, clock, wall, settings.share_comfy_status)
@@ -150,6 +144,21 @@ class ProxyState:
         self.pinger = ClientPinger(self.registry, settings, wall)
         self.started = False
         self.metrics.queued_prompts.set(len(self.queue.fair))
+
+    def _backend(self, spec: BackendSpec) -> Backend:
+        """One ComfyUI, with its own breaker, probe and capabilities."""
+        s = self.settings
+        breaker = CircuitBreaker(failure_threshold=s.breaker_failure_threshold, open_seconds=s.breaker_open_ms / 1000,
+                                 max_open_seconds=s.breaker_max_open_ms / 1000)
+        backend = Backend(spec.url, self.http, name=spec.name, breaker=breaker, clock=self.clock,
+                          connect_timeout=s.comfy_connect_timeout_ms / 1000,
+                          request_timeout=s.comfy_request_timeout_ms / 1000,
+                          probe_timeout=s.breaker_probe_timeout_ms / 1000,
+                          probe_interval_ms=min(PROBE_CHECK_MS, s.breaker_open_ms), weight=spec.weight,
+                          labels=spec.labels, capabilities_refresh_s=s.capabilities_refresh_s)
+        self.metrics.set_breaker(backend.name, backend.breaker.state.value)
+        backend.add_breaker_listener(lambda old, new: self._breaker_changed(backend.name, new.value))
+        return backend
 
     def _client_id(self, owner: str, backend: str) -> str:
         """The pair's durable client id; while the store fails, one for this process only (a

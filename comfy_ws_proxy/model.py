@@ -58,6 +58,10 @@ class Job:
     result: dict | None = None  # the final event's data (error details), or the rejection
     told: bool = False        # the final outcome reached one of the owner's live sockets
     webhook_url: str = ""     # where its final outcome is delivered ("" : nowhere)
+    # Backends it was moved away from while they could not be asked (FAILOVER_AFTER_S): each may
+    # still hold it, so it is deleted or interrupted there when that backend returns, and
+    # nothing that backend says about it is delivered.
+    fenced: tuple[str, ...] = ()
 
     # --- this process only (never stored) ---
     gap: bool = field(default=False, compare=False)  # events may have been missed (restart, link drop)
@@ -72,6 +76,10 @@ class Job:
     current: tuple | None = field(default=None, compare=False)  # running: (node, step, steps)
     nodes_done: set = field(default_factory=set, compare=False)  # executed or cached nodes
     nodes_total: int | None = field(default=None, compare=False)  # the prompt's size (kept when it is dropped)
+    needs: Any = field(default=None, compare=False)  # JobNeeds: what placement looks at (kept when dropped)
+    fits: dict = field(default_factory=dict, compare=False)  # backend -> (its fingerprint, why it cannot run it)
+    switched_model: bool = field(default=False, compare=False)  # it started on a backend with another model
+    queued_since: float = field(default=0.0, compare=False)  # monotonic: when it last entered the queue
 
     @property
     def finished(self) -> bool:

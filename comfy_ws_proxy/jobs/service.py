@@ -90,6 +90,7 @@ class JobService:
         for backend in pool:
             backend.add_breaker_listener(lambda old, new, b=backend: self._breaker_changed(b, new))
             backend.unreachable_listeners.append(lambda since, b=backend: links.backend_unreachable(b, since))
+            backend.capability_listeners.append(lambda b: queue.kick())  # placeable now, or impossible
 
     def start(self) -> None:
         self._cleanup_timer.start()
@@ -274,9 +275,11 @@ class JobService:
 
     # --- the owner's links ----------------------------------------------------------------------
     async def wait_ready(self, owner: str, timeout: float) -> bool:
-        """Open the owner's link to the default backend (a socket of theirs just opened) and
-        wait until ComfyUI registered it, or the first attempt failed, or ``timeout``."""
-        link = self.links.ensure(owner, self.pool.default)
+        """Open the owner's link to a backend that is up (a socket of theirs just opened) and
+        wait until ComfyUI registered it, or the first attempt failed, or ``timeout``. (Links
+        to the other backends open when a job of theirs is placed there.)"""
+        backend = next((b for b in self.pool if b.available), self.pool.default)
+        link = self.links.ensure(owner, backend)
         return await link.wait_ready(timeout)
 
     def owner_left(self, owner: str) -> None:

@@ -63,7 +63,7 @@ class JobTracker:
         self.wall = wall    # epoch seconds: the stored timestamps
         self.jobs: dict[str, Job] = {}
         self.by_owner: dict[str, dict[str, Job]] = {}
-        self.placed = Counter()  # backend name -> our jobs it holds (submitting, pending, running)
+        self.placed: dict[str, dict[str, Job]] = {}  # backend -> our jobs it holds (submitting, pending, running)
         self.placed_by_owner = Counter()  # owner -> their jobs the backends hold
         self.subscribers: dict[str, set[JobSubscriber]] = {}
         # Jobs whose latest state the store could not take (disk full...): kept in memory, the
@@ -96,7 +96,7 @@ class JobTracker:
         self.jobs[job.job_id] = job
         self.by_owner.setdefault(job.owner, {})[job.job_id] = job
         if job.state in PLACED:
-            self.placed[job.backend] += 1
+            self.placed.setdefault(job.backend, {})[job.job_id] = job
             self.placed_by_owner[job.owner] += 1
 
     # --- reads ----------------------------------------------------------------------------------
@@ -144,7 +144,11 @@ class JobTracker:
                 and (backend is None or j.backend == backend)]
 
     def placed_count(self, backend: str) -> int:
-        return self.placed[backend]
+        return len(self.placed.get(backend, ()))
+
+    def held_by(self, backend: str) -> list[Job]:
+        """Our jobs that backend holds (or is being sent), oldest first."""
+        return list(self.placed.get(backend, {}).values())
 
     def waiting_count(self, owner: str) -> int:
         """The owner's jobs held by the proxy: queued, or taken from the queue for a POST."""
@@ -172,7 +176,7 @@ class JobTracker:
         """Every change of a job's durable state goes through here."""
         old = job.state
         if old in PLACED:
-            self.placed[job.backend] -= 1
+            self.placed.get(job.backend, {}).pop(job.job_id, None)
             self.placed_by_owner[job.owner] -= 1
             if not self.placed_by_owner[job.owner]:
                 del self.placed_by_owner[job.owner]
@@ -186,7 +190,7 @@ class JobTracker:
             if job.webhook_url and self.webhook_message is not None:
                 job.outbox = self.webhook_message(job)
         if state in PLACED:
-            self.placed[job.backend] += 1
+            self.placed.setdefault(job.backend, {})[job.job_id] = job
             self.placed_by_owner[job.owner] += 1
         self.save(job)
         self._changed(job, old)
@@ -338,6 +342,8 @@ class JobTracker:
         job = self.jobs.get(routed.job_id) if routed.job_id else None
         if job is None:
             return
+        if backend != job.backend or job.fenced and backend in job.fenced:
+            return  # a backend it was moved away from: what it says about the job is never delivered
         job.last_heard = self.clock()
         kind = routed.kind
         if job.state not in UNFINISHED:  # (job.finished, without the property's call: hot path)
