@@ -64,15 +64,32 @@ Faithful to the recordings
 Simplified
 ----------
 * Nodes are emulated on metadata (sizes, channels, one float32 colour per image), not on
-  tensors: only the node classes of the shipped workflows exist (``/object_info`` lists
-  them); an unknown class is ``invalid_prompt``. Noise images are valid PNGs made of
+  tensors: only the node classes of the shipped workflows and of the default text-to-image
+  graph exist (``/object_info`` lists them); an unknown class is ``invalid_prompt``. Noise images are valid PNGs made of
   zero pixels plus a padding chunk, sized like the recorded one.
 * Saved files are kept in memory; their PNG bytes differ from PIL's at
   ``compress_level=4``. ``/view`` ignores ``preview``/``channel`` re-encoding.
 * No uploads, userdata, settings, ``/internal``, jobs API, CORS flag, lazy inputs,
   subgraphs or ExecutionBlocker. Tracebacks other than ImageBatch's are empty lists.
 * Time: ``node_delay`` seconds per executed node and ``step_delay`` per SaveImageWebsocket
-  step stand for the real work (ImageBlur on 1024 px takes ~1.4 s in the recordings).
+  image or KSampler step stand for the real work (ImageBlur on 1024 px takes ~1.4 s in the
+  recordings), both divided by the instance's ``speed``.
+* The default text-to-image graph (CheckpointLoaderSimple, CLIPTextEncode, EmptyLatentImage,
+  KSampler, VAEDecode; ``txt2img_workflow()``) runs on opaque values: a checkpoint is its
+  file name, KSampler sends one ``progress`` per step and no previews (the server's default
+  preview method), VAEDecode makes a uniform picture coloured by checkpoint and seed.
+
+Fleets (several instances, each its own ComfyUI)
+------------------------------------------------
+Each instance is a profile: its node classes (``without_node_classes``, ``extra_node_classes``:
+custom image filters under ``custom_nodes.<name>``), in ``/object_info`` and enforced by
+validation (an unknown class is the recorded ``invalid_prompt``); its model files per folder
+(``models``; ``GET /models`` and ``/models/{folder}`` as server.py answers them, the
+checkpoint loader's combo); ``speed``; ``load_seconds``, what a checkpoint loader costs when
+the checkpoint is not the one loaded (``loaded_checkpoint``, ``model_loads``); its device and
+versions in ``/system_stats``. ``jobs`` holds a ``JobRecord`` per accepted prompt (queued,
+started, finished on ``clock``, outcome, checkpoints, model load); ``snapshot()`` is the
+same as JSON, served at ``GET /__sim/records`` with ``control``.
 
 Fault injection and observation (for the proxy's tests)
 -------------------------------------------------------
@@ -82,7 +99,8 @@ running prompt, history, caches and temp files lost), ``drop_websockets``,
 ``paused``, ``hold_node`` (stop the worker inside a node until released: deterministic
 interleavings without sleeps); ``execution_counts``, ``completed_counts``,
 ``started_order``, ``completions``, ``requests``, ``last_request_headers()``,
-``ws_clients``, ``history``, ``wait_idle()``, ``wait_ws_clients()``, ``wait_stalled()``.
+``ws_clients``, ``history``, ``wait_idle()``, ``wait_ws_clients()``, ``wait_stalled()``,
+``jobs``, ``records()``, ``model_loads``, ``snapshot()``; ``sleep`` (every delay goes through it).
 """
 from __future__ import annotations
 
@@ -104,7 +122,7 @@ import time
 import urllib.parse
 import uuid
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import tornado.web
@@ -300,6 +318,17 @@ def noise_png(width: int, height: int, channels: int, text: dict[str, str] | Non
 
 MAX_RESOLUTION = 16384
 UPSCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]
+# comfy.samplers.KSampler.SAMPLERS and SCHEDULERS of 0.3.64
+SAMPLER_NAMES = [
+    "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2", "dpm_2",
+    "dpm_2_ancestral", "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp",
+    "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu",
+    "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm", "ipndm",
+    "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral",
+    "res_multistep_ancestral_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde", "seeds_2",
+    "seeds_3", "sa_solver", "sa_solver_pece", "ddim", "uni_pc", "uni_pc_bh2"]
+SCHEDULER_NAMES = ["simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal",
+                   "linear_quadratic", "kl_optimal"]
 
 
 @dataclass(frozen=True)
@@ -318,16 +347,32 @@ class NodeClass:
     always_changed: bool = False  # IS_CHANGED returns the time: never cached
     unique_id_in_signature: bool = False  # has a hidden UNIQUE_ID input
     file_input: str | None = None  # the input VALIDATE_INPUTS checks with exists_annotated_filepath
+    model_inputs: tuple = ()  # (input name, model folder): a combo of that folder's files, per instance
+    output_tooltips: tuple = ()
+    runs_as: str = ""  # a custom node class: it does what this emulated class does
 
     def object_info(self, name: str) -> dict:
         inputs: dict = {"required": {k: list(v) for k, v in self.required.items()}}
         if self.hidden:
             inputs["hidden"] = dict(self.hidden)
-        return {"input": inputs, "input_order": {k: list(v) for k, v in inputs.items()},
+        info = {"input": inputs, "input_order": {k: list(v) for k, v in inputs.items()},
                 "output": list(self.returns), "output_is_list": [False] * len(self.returns),
                 "output_name": list(self.return_names or self.returns), "name": name,
                 "display_name": self.display_name or name, "description": self.description,
                 "python_module": self.module, "category": self.category, "output_node": self.output_node}
+        if self.output_tooltips:
+            info["output_tooltips"] = list(self.output_tooltips)
+        return info
+
+    def with_models(self, models: dict[str, list[str]]) -> "NodeClass":
+        """This class as one instance declares it: each model input lists that folder's files."""
+        if not self.model_inputs:
+            return self
+        required = dict(self.required)
+        for input_name, folder in self.model_inputs:
+            declaration = required[input_name]
+            required[input_name] = (list(models.get(folder, [])),) + tuple(declaration[1:])
+        return replace(self, required=required)
 
 
 def _int(default, lo, hi, **extra):
@@ -396,7 +441,110 @@ NODE_CLASSES: dict[str, NodeClass] = {
                       tooltip="The random seed used for creating the noise."),
          "strength": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01})},
         ("IMAGE",), category="image", module="comfy_extras.nodes_images"),
+    # The default text-to-image graph (nodes.py), on opaque values: the checkpoint's name stands
+    # for the model; KSampler's steps are the work (step_delay each); VAEDecode makes a
+    # uniform image whose colour follows the checkpoint and the seed.
+    "CheckpointLoaderSimple": NodeClass(
+        {"ckpt_name": ([], {"tooltip": "The name of the checkpoint (model) to load."})},
+        ("MODEL", "CLIP", "VAE"), category="loaders", model_inputs=(("ckpt_name", "checkpoints"),),
+        description="Loads a diffusion model checkpoint, diffusion models are used to denoise latents.",
+        display_name="Load Checkpoint",
+        output_tooltips=("The model used for denoising latents.",
+                         "The CLIP model used for encoding text prompts.",
+                         "The VAE model used for encoding and decoding images to and from latent space.")),
+    "CLIPTextEncode": NodeClass(
+        {"text": ("STRING", {"multiline": True, "dynamicPrompts": True, "tooltip": "The text to be encoded."}),
+         "clip": ("CLIP", {"tooltip": "The CLIP model used for encoding the text."})},
+        ("CONDITIONING",), category="conditioning", display_name="CLIP Text Encode (Prompt)",
+        description="Encodes a text prompt using a CLIP model into an embedding that can be used to guide the "
+                    "diffusion model towards generating specific images.",
+        output_tooltips=("A conditioning containing the embedded text used to guide the diffusion model.",)),
+    "EmptyLatentImage": NodeClass(
+        {"width": _int(512, 16, MAX_RESOLUTION, step=8, tooltip="The width of the latent images in pixels."),
+         "height": _int(512, 16, MAX_RESOLUTION, step=8, tooltip="The height of the latent images in pixels."),
+         "batch_size": _int(1, 1, 4096, tooltip="The number of latent images in the batch.")},
+        ("LATENT",), category="latent", display_name="Empty Latent Image",
+        description="Create a new batch of empty latent images to be denoised via sampling.",
+        output_tooltips=("The empty latent image batch.",)),
+    "KSampler": NodeClass(
+        {"model": ("MODEL", {"tooltip": "The model used for denoising the input latent."}),
+         "seed": _int(0, 0, 0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                      tooltip="The random seed used for creating the noise."),
+         "steps": _int(20, 1, 10000, tooltip="The number of steps used in the denoising process."),
+         "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                           "tooltip": "The Classifier-Free Guidance scale balances creativity and adherence to the "
+                                      "prompt. Higher values result in images more closely matching the prompt "
+                                      "however too high values will negatively impact quality."}),
+         "sampler_name": (SAMPLER_NAMES, {"tooltip": "The algorithm used when sampling, this can affect the quality, "
+                                                   "speed, and style of the generated output."}),
+         "scheduler": (SCHEDULER_NAMES, {"tooltip": "The scheduler controls how noise is gradually removed to form "
+                                                  "the image."}),
+         "positive": ("CONDITIONING", {"tooltip": "The conditioning describing the attributes you want to "
+                                                  "include in the image."}),
+         "negative": ("CONDITIONING", {"tooltip": "The conditioning describing the attributes you want to "
+                                                  "exclude from the image."}),
+         "latent_image": ("LATENT", {"tooltip": "The latent image to denoise."}),
+         "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                               "tooltip": "The amount of denoising applied, lower values will maintain the structure "
+                                          "of the initial image allowing for image to image sampling."})},
+        ("LATENT",), category="sampling",
+        description="Uses the provided model, positive and negative conditioning to denoise the latent image.",
+        output_tooltips=("The denoised latent.",)),
+    "VAEDecode": NodeClass(
+        {"samples": ("LATENT", {"tooltip": "The latent to be decoded."}),
+         "vae": ("VAE", {"tooltip": "The VAE model used for decoding the latent."})},
+        ("IMAGE",), category="latent", display_name="VAE Decode",
+        description="Decodes latent images back into pixel space images.", output_tooltips=("The decoded image.",)),
 }
+
+# ComfyUI 0.3.64's model folders (folder_paths.folder_names_and_paths, in order: GET /models)
+# and the file extensions each lists (filter_files_extensions; an empty set lists everything).
+PT_EXTENSIONS = (".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft")
+MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
+    "checkpoints": PT_EXTENSIONS, "configs": (".yaml",), "loras": PT_EXTENSIONS, "vae": PT_EXTENSIONS,
+    "text_encoders": PT_EXTENSIONS, "diffusion_models": PT_EXTENSIONS, "clip_vision": PT_EXTENSIONS,
+    "style_models": PT_EXTENSIONS, "embeddings": PT_EXTENSIONS, "diffusers": ("folder",),
+    "vae_approx": PT_EXTENSIONS, "controlnet": PT_EXTENSIONS, "gligen": PT_EXTENSIONS,
+    "upscale_models": PT_EXTENSIONS, "custom_nodes": (), "hypernetworks": PT_EXTENSIONS,
+    "photomaker": PT_EXTENSIONS, "classifiers": ("",), "model_patches": PT_EXTENSIONS,
+    "audio_encoders": PT_EXTENSIONS,
+}
+
+
+def custom_image_node(name: str) -> NodeClass:
+    """A custom node class (custom_nodes/<name>) that filters an image: it does what ImageBlur
+    does to the simulator's uniform images (nothing), under its own name."""
+    return NodeClass({"image": ("IMAGE",), "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0,
+                                                                  "step": 0.01})},
+                     ("IMAGE",), category="image/filters", module=f"custom_nodes.{name}", runs_as="ImageBlur")
+
+
+def txt2img_workflow(ckpt_name: str, *, steps: int = 20, seed: int = 0, width: int = 512, height: int = 512,
+                     text: str = "a lighthouse at dusk", filters: tuple[str, ...] = (),
+                     output: str = "SaveImage") -> dict:
+    """ComfyUI's default text-to-image graph (API format) on ``ckpt_name``: loader "4",
+    prompts "6"/"7", latent "5", KSampler "3", VAEDecode "8", then each of ``filters``
+    (image-filter node classes, e.g. custom ones) from "10" on, and the output node "9"
+    (SaveImage, PreviewImage or SaveImageWebsocket)."""
+    prompt = {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt_name}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["4", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": width, "height": height, "batch_size": 1}},
+        "3": {"class_type": "KSampler", "inputs": {
+            "model": ["4", 0], "seed": seed, "steps": steps, "cfg": 7.0, "sampler_name": "euler",
+            "scheduler": "normal", "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0],
+            "denoise": 1.0}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+    }
+    image = ["8", 0]
+    for index, class_type in enumerate(filters):
+        node_id = str(10 + index)
+        prompt[node_id] = {"class_type": class_type, "inputs": {"image": image, "strength": 1.0}}
+        image = [node_id, 0]
+    prompt["9"] = {"class_type": output, "inputs": {"images": image, **(
+        {"filename_prefix": "ComfyUI"} if output == "SaveImage" else {})}}
+    return prompt
 
 
 def is_link(value: Any) -> bool:
@@ -442,12 +590,13 @@ def _types_match(received: str, expected: str) -> bool:
     return bool(set(received.split(",")) & set(expected.split(",")))
 
 
-def _validate_inputs(prompt: dict, node_id: str, validated: dict, exists: Callable[[str], bool]) -> tuple:
+def _validate_inputs(prompt: dict, node_id: str, validated: dict, exists: Callable[[str], bool],
+                     classes: dict[str, NodeClass]) -> tuple:
     """One node and, recursively, what it links to: (valid, errors, node_id), memoised."""
     if node_id in validated:
         return validated[node_id]
     inputs = prompt[node_id]["inputs"]
-    node_class = NODE_CLASSES[prompt[node_id]["class_type"]]
+    node_class = classes[prompt[node_id]["class_type"]]
     errors: list[dict] = []
     valid = True
     for name in dict_set_order(node_class.required):
@@ -470,7 +619,7 @@ def _validate_inputs(prompt: dict, node_id: str, validated: dict, exists: Callab
             # A dangling link raises here (KeyError/IndexError), as in ComfyUI: the caller
             # reports it as an exception during (inner) validation.
             source = prompt[value[0]]
-            received_type = NODE_CLASSES[source["class_type"]].returns[value[1]]
+            received_type = classes[source["class_type"]].returns[value[1]]
             if not _types_match(received_type, input_type):
                 errors.append({"type": "return_type_mismatch", "message": "Return type mismatch between linked nodes",
                                "details": f"{name}, received_type({received_type}) mismatch input_type({input_type})",
@@ -478,7 +627,7 @@ def _validate_inputs(prompt: dict, node_id: str, validated: dict, exists: Callab
                                               "received_type": received_type, "linked_node": value}})
                 continue
             try:
-                if _validate_inputs(prompt, value[0], validated, exists)[0] is False:
+                if _validate_inputs(prompt, value[0], validated, exists, classes)[0] is False:
                     valid = False
             except Exception as ex:  # noqa: BLE001 - reported in the response, like ComfyUI
                 valid = False
@@ -528,10 +677,11 @@ def _validate_inputs(prompt: dict, node_id: str, validated: dict, exists: Callab
     return result
 
 
-def validate_prompt(prompt: Any, partial_targets: Any,
-                    exists: Callable[[str], bool] = lambda name: False) -> tuple[list[str], dict]:
+def validate_prompt(prompt: Any, partial_targets: Any, exists: Callable[[str], bool] = lambda name: False,
+                    classes: dict[str, NodeClass] = NODE_CLASSES) -> tuple[list[str], dict]:
     """ComfyUI's validate_prompt: (outputs to execute, node_errors of skipped outputs), or
-    raises PromptError (400). Other exceptions mean a malformed body (500)."""
+    raises PromptError (400). Other exceptions mean a malformed body (500). ``classes``: the
+    node classes this server has (NODE_CLASS_MAPPINGS)."""
     if not isinstance(prompt, dict):
         raise TypeError("prompt must be an object")
     outputs = []
@@ -544,7 +694,7 @@ def validate_prompt(prompt: Any, partial_targets: Any,
         # ComfyUI looks it up with NODE_CLASS_MAPPINGS.get(class_type): an unhashable class_type
         # (a list, an object) raises TypeError there, so the answer is a 500, not a 400 (seen on
         # a real 0.3.64 with {"class_type": ["SaveImage"]}).
-        node_class = NODE_CLASSES.get(node["class_type"]) if isinstance(node["class_type"], str) else None
+        node_class = classes.get(node["class_type"]) if isinstance(node["class_type"], str) else None
         if isinstance(node["class_type"], (list, dict)):
             raise TypeError(f"unhashable type: '{type(node['class_type']).__name__}'")
         if node_class is None:
@@ -563,7 +713,7 @@ def validate_prompt(prompt: Any, partial_targets: Any,
     validated: dict = {}
     for output in set_order(outputs):
         try:
-            valid, reasons, _ = _validate_inputs(prompt, output, validated, exists)
+            valid, reasons, _ = _validate_inputs(prompt, output, validated, exists, classes)
         except Exception as ex:  # noqa: BLE001 - reported in the response, like ComfyUI
             valid, reasons = False, [{"type": "exception_during_validation",
                                       "message": "Exception when validating node", "details": str(ex),
@@ -597,15 +747,16 @@ class ExecutionList:
     else a node two steps from an output, else the first one gathered.
     """
 
-    def __init__(self, prompt: dict, is_cached: Callable[[str], bool]):
+    def __init__(self, prompt: dict, is_cached: Callable[[str], bool], classes: dict[str, NodeClass] = NODE_CLASSES):
         self.prompt = prompt
         self.is_cached = is_cached
+        self.classes = classes
         self.pending: dict[str, None] = {}  # insertion-ordered set
         self.block_count: dict[str, int] = {}
         self.blocking: dict[str, dict[str, None]] = {}
 
     def _is_output(self, node_id: str) -> bool:
-        return NODE_CLASSES[self.prompt[node_id]["class_type"]].output_node
+        return self.classes[self.prompt[node_id]["class_type"]].output_node
 
     def add_node(self, node_id: str) -> None:
         stack, links = [node_id], []
@@ -680,6 +831,53 @@ class Mask:
         return tensor_repr((len(self.values), self.height, self.width), lambda i: self.values[i[0]])
 
 
+@dataclass(frozen=True)
+class _Opaque:
+    """A model object (MODEL, CLIP, VAE) standing for the checkpoint it came from."""
+
+    ckpt_name: str
+    kind = "object"
+
+    def repr(self) -> str:
+        return f"<{self.kind} object at 0x7f{zlib.crc32(self.ckpt_name.encode()):08x}>"
+
+
+class Model(_Opaque):
+    kind = "comfy.model_patcher.ModelPatcher"
+
+
+class Clip(_Opaque):
+    kind = "comfy.sd.CLIP"
+
+
+class Vae(_Opaque):
+    kind = "comfy.sd.VAE"
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    ckpt_name: str
+    text: str
+
+    def repr(self) -> str:
+        return "[[tensor(...), {'pooled_output': tensor(...)}]]"
+
+
+@dataclass(frozen=True)
+class Latent:
+    """A LATENT {"samples": [batch, 4, height/8, width/8]}: its picture size, and once sampled
+    the checkpoint and seed that made it."""
+
+    height: int
+    width: int
+    batch: int
+    ckpt_name: str | None = None
+    seed: int | None = None
+
+    def repr(self) -> str:
+        return "{'samples': tensor(...)}"
+
+
 class NodeFailed(Exception):
     """An exception raised by a node: execution_error."""
 
@@ -729,6 +927,7 @@ class QueueItem:
     prompt: dict
     extra_data: dict
     outputs: list[str]
+    record: "JobRecord | None" = None
 
     def as_list(self) -> list:
         return [self.number, self.prompt_id, self.prompt, self.extra_data, self.outputs]
@@ -754,13 +953,74 @@ class NodeHold:
             self._released.set_result(None)
 
 
-class ComfySimulator:
-    """A ComfyUI 0.3.64 look-alike on the current IOLoop. See the module docstring."""
+@dataclass
+class JobRecord:
+    """What happened to one accepted prompt on one simulator, on the simulator's clock."""
 
-    def __init__(self, *, node_delay: float = 0.0, step_delay: float = 0.0, control: bool = False):
-        self.node_delay = node_delay  # seconds each executed node "works"
-        self.step_delay = step_delay  # seconds per SaveImageWebsocket image
-        self.control = control  # serve POST /__sim/pause and /__sim/resume (benchmarks' remote control)
+    prompt_id: str
+    number: float
+    client_id: str | None
+    queued_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    # "success" | "error" | "interrupted" once it ran; "deleted" (POST /queue), "lost" (a
+    # restart took it, queued or running); None while queued or running
+    outcome: str | None = None
+    checkpoints: list = field(default_factory=list)  # ckpt_name of each checkpoint loader that ran
+    model_load: bool = False  # it loaded a checkpoint (load_seconds)
+    generation: int = 0  # the process (restart count) it was accepted by
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def _node_class_table(without: Any, extra: Any) -> dict[str, NodeClass]:
+    classes = {name: c for name, c in NODE_CLASSES.items() if name not in set(without or ())}
+    unknown = set(without or ()) - set(NODE_CLASSES)
+    if unknown:
+        raise ValueError(f"without_node_classes: not standard classes: {sorted(unknown)}")
+    if isinstance(extra, dict):
+        classes.update(extra)
+    else:
+        classes.update({name: custom_image_node(name) for name in extra or ()})
+    return classes
+
+
+class ComfySimulator:
+    """A ComfyUI 0.3.64 look-alike on the current IOLoop. See the module docstring.
+
+    One instance is one ComfyUI server (its own port). Its profile, for fleets of them:
+    ``without_node_classes`` (standard classes it lacks), ``extra_node_classes`` (names of
+    custom image-filter nodes, or {name: NodeClass}), ``models`` ({folder: [file names]};
+    a plain list means checkpoints), ``speed`` (node and step delays are divided by it),
+    ``load_seconds`` (the time a checkpoint loader takes when the checkpoint differs from the
+    one loaded), ``device_name``/``vram_total``/``vram_free``/``comfyui_version``/
+    ``python_version``/``pytorch_version`` (``/system_stats``), ``clock`` (the times of
+    ``jobs`` records)."""
+
+    def __init__(self, *, node_delay: float = 0.0, step_delay: float = 0.0, control: bool = False,
+                 without_node_classes: Any = (), extra_node_classes: Any = (),
+                 models: dict[str, list[str]] | list[str] | None = None, speed: float = 1.0,
+                 load_seconds: float = 0.0, device_name: str = "cpu", vram_total: int | None = None,
+                 vram_free: int | None = None, comfyui_version: str = COMFYUI_VERSION,
+                 python_version: str = "3.11.7 (simulator)", pytorch_version: str = "2.13.0+cpu",
+                 clock: Callable[[], float] = time.monotonic):
+        if speed <= 0:
+            raise ValueError("speed must be > 0")
+        self.node_delay = node_delay  # seconds each executed node "works" (at speed 1)
+        self.step_delay = step_delay  # seconds per SaveImageWebsocket image or KSampler step (at speed 1)
+        self.speed = speed
+        self.load_seconds = load_seconds  # not divided by speed: a load is disk and bus bound
+        self.control = control  # serve /__sim/... (benchmarks' and separate processes' remote control)
+        self.node_classes = _node_class_table(without_node_classes, extra_node_classes)
+        self.models: dict[str, list[str]] = {}
+        self.set_models({"checkpoints": list(models)} if isinstance(models, (list, tuple)) else (models or {}))
+        self.device_name = device_name
+        self.vram_total, self.vram_free = vram_total, vram_free
+        self.comfyui_version, self.python_version, self.pytorch_version = (comfyui_version, python_version,
+                                                                           pytorch_version)
+        self.clock = clock
+        self.sleep: Callable[[float], Any] = asyncio.sleep  # every node, step and load delay (tests replace it)
         self.address = "127.0.0.1"
         self.port: int | None = None
         # fault injection
@@ -773,6 +1033,8 @@ class ComfySimulator:
         self.completed_counts: collections.Counter = collections.Counter()  # prompt_id -> finishes
         self.started_order: list[str] = []
         self.completions: list[tuple[str, int]] = []  # (prompt_id, process generation)
+        self.jobs: list[JobRecord] = []  # one per accepted prompt, in acceptance order
+        self.model_loads = 0  # checkpoint loads (a loader that ran with another checkpoint than the loaded one)
         self.requests: list[tuple[str, str]] = []
         self._last_headers: dict = {}
         # machinery
@@ -797,6 +1059,10 @@ class ComfySimulator:
     def _reset_process(self) -> None:
         """The state of one ComfyUI process: a restart loses all of it."""
         self.generation += 1
+        for record in getattr(self, "_open_records", {}).values():
+            record.outcome = "lost"  # queued or running when the process ended
+        self._open_records: dict[int, JobRecord] = {}  # id(record) -> record, queued or running
+        self.loaded_checkpoint: str | None = None  # the checkpoint in "VRAM"
         self._sockets: dict[str, SimSocket] = {}  # the routing table: clientId -> socket
         self._sockets_metadata: dict[str, dict] = {}  # clientId -> {"feature_flags": {...}}
         self._queue: list = []  # heap of (number, prompt_id, seq, QueueItem)
@@ -820,6 +1086,51 @@ class ComfySimulator:
         """Put an image in one of the folders (an upload, a file the operator placed)."""
         self._files[(kind, subfolder, filename)] = uniform_png(width, height, pixel, 1)
         self._pixels[(kind, subfolder, filename)] = (height, width, len(pixel), pixel)
+
+    def set_models(self, models: dict[str, list[str]]) -> None:
+        """Replace the model files ({folder: [file names]}): seen at once by /models,
+        /object_info and validation, as ComfyUI rescans its folders. A folder that is not one
+        of ComfyUI's is added (as a custom node's add_model_folder_path does)."""
+        self.models = {folder: sorted(set(files)) for folder, files in models.items()}
+        self._refresh_model_inputs()
+
+    def add_model(self, folder: str, filename: str) -> None:
+        self.models[folder] = sorted(set(self.models.get(folder, [])) | {filename})
+        self._refresh_model_inputs()
+
+    def remove_model(self, folder: str, filename: str) -> None:
+        self.models[folder] = [f for f in self.models.get(folder, []) if f != filename]
+        self._refresh_model_inputs()
+
+    def model_folders(self) -> list[str]:
+        """GET /models: folder_paths.folder_names_and_paths' keys."""
+        return list(MODEL_FOLDERS) + [f for f in self.models if f not in MODEL_FOLDERS]
+
+    def model_files(self, folder: str) -> list[str] | None:
+        """GET /models/{folder}: folder_paths.get_filename_list (sorted, filtered by the
+        folder's extensions), or None for an unknown folder (404)."""
+        if folder not in MODEL_FOLDERS and folder not in self.models:
+            return None
+        extensions = MODEL_FOLDERS.get(folder, ())
+        return sorted(f for f in self.models.get(folder, [])
+                      if not extensions or posixpath.splitext(f)[1].lower() in extensions)
+
+    def _refresh_model_inputs(self) -> None:
+        available = {folder: self.model_files(folder) or [] for folder in self.models}
+        for name, node_class in list(self.node_classes.items()):
+            standard = NODE_CLASSES.get(name, node_class)
+            if standard.model_inputs:
+                self.node_classes[name] = standard.with_models(available)
+
+    def records(self, prompt_id: str) -> list[JobRecord]:
+        """Every record of this prompt id (one per time it was accepted)."""
+        return [r for r in self.jobs if r.prompt_id == prompt_id]
+
+    def snapshot(self) -> dict:
+        """The observation counters and records as JSON (GET /__sim/records with control)."""
+        return {"execution_counts": dict(self.execution_counts), "completed_counts": dict(self.completed_counts),
+                "model_loads": self.model_loads, "loaded_checkpoint": self.loaded_checkpoint,
+                "generation": self.generation, "jobs": [r.as_dict() for r in self.jobs]}
 
     def file_exists(self, name: str) -> bool:
         where = resolve_annotated(name) if isinstance(name, str) else None
@@ -900,7 +1211,10 @@ class ComfySimulator:
                 (prefix + r"/history/([^/]+)", HistoryItemHandler, kw),
                 (prefix + r"/view", ViewHandler, kw),
                 (prefix + r"/upload/image", UploadImageHandler, kw),
-            ] + ([(prefix + r"/__sim/(pause|resume)", SimControlHandler, kw)] if self.control else []) + [
+            ] + ([(prefix + r"/__sim/(pause|resume)", SimControlHandler, kw),
+                  (prefix + r"/__sim/records", SimRecordsHandler, kw)] if self.control else []) + [
+                (prefix + r"/models", ModelsHandler, kw),
+                (prefix + r"/models/([^/]+)", ModelsHandler, kw),
                 (prefix + r"/system_stats", SystemStatsHandler, kw),
                 (prefix + r"/features", FeaturesHandler, kw),
                 (prefix + r"/object_info", ObjectInfoHandler, kw),
@@ -1044,6 +1358,9 @@ class ComfySimulator:
 
     # --- the queue ----------------------------------------------------------------------------
     def _put(self, item: QueueItem) -> None:
+        item.record = JobRecord(item.prompt_id, item.number, item.client_id, self.clock(), generation=self.generation)
+        self.jobs.append(item.record)
+        self._open_records[id(item.record)] = item.record
         self._seq += 1
         heapq.heappush(self._queue, (item.number, item.prompt_id, self._seq, item))
         self._idle.clear()
@@ -1053,6 +1370,7 @@ class ComfySimulator:
     def _delete_pending(self, prompt_id: str) -> bool:
         for index, entry in enumerate(self._queue):
             if entry[3].prompt_id == prompt_id:
+                self._close_record(entry[3], "deleted")
                 self._queue.pop(index)
                 heapq.heapify(self._queue)
                 self._broadcast_status()
@@ -1061,9 +1379,18 @@ class ComfySimulator:
         return False
 
     def _wipe_queue(self) -> None:
+        for entry in self._queue:
+            self._close_record(entry[3], "deleted")
         self._queue = []
         self._broadcast_status()
         self._update_idle()
+
+    def _close_record(self, item: QueueItem, outcome: str) -> None:
+        if item.record is not None:
+            item.record.outcome = outcome
+            if outcome not in ("deleted", "lost"):
+                item.record.finished_at = self.clock()
+            self._open_records.pop(id(item.record), None)
 
     def _update_idle(self) -> None:
         if not self._queue and self._running is None:
@@ -1096,7 +1423,7 @@ class ComfySimulator:
         def signature(node_id: str) -> str:
             if node_id not in memo:
                 node = prompt[node_id]
-                node_class = NODE_CLASSES[node["class_type"]]
+                node_class = self.node_classes[node["class_type"]]
                 parts: list = [node["class_type"], uuid.uuid4().hex if node_class.always_changed else None]
                 if node_class.unique_id_in_signature:
                     parts.append(node_id)
@@ -1115,6 +1442,8 @@ class ComfySimulator:
         prompt_id, prompt, cid = item.prompt_id, item.prompt, item.client_id
         self.execution_counts[prompt_id] += 1
         self.started_order.append(prompt_id)
+        if item.record is not None:
+            item.record.started_at = self.clock()
         self._client_id = cid
         self._interrupt_flag = False  # nodes.interrupt_processing(False)
         messages: list = []
@@ -1132,20 +1461,23 @@ class ComfySimulator:
         cached_nodes = [n for n in prompt if signatures[n] in self._cache]
         add_message("execution_cached", {"nodes": cached_nodes, "prompt_id": prompt_id}, False)
 
-        run = ExecutionList(prompt, lambda n: signatures[n] in self._cache)
+        run = ExecutionList(prompt, lambda n: signatures[n] in self._cache, self.node_classes)
         for output in item.outputs:
             run.add_node(output)
         progress = _Progress(self, prompt_id, cid)
         executed: list[str] = []  # insertion order of ComfyUI's `executed` set
         current_outputs = set_order(prompt)  # caches.outputs.all_node_ids()
         success = False
+        outcome = "error"
         try:
             while (node_id := run.next()) is not None:
                 await self._execute_node(item, node_id, signatures, progress, executed)
                 run.complete(node_id)
             add_message("execution_success", {"prompt_id": prompt_id}, False)
             success = True
+            outcome = "success"
         except Interrupted as e:
+            outcome = "interrupted"
             node_id = e.args[0]
             add_message("execution_interrupted", {
                 "prompt_id": prompt_id, "node_id": node_id, "node_type": prompt[node_id]["class_type"],
@@ -1183,6 +1515,7 @@ class ComfySimulator:
             self._send("executing", {"node": None, "prompt_id": prompt_id}, cid)
         self.completed_counts[prompt_id] += 1
         self.completions.append((prompt_id, self.generation))
+        self._close_record(item, outcome)
         self._update_idle()
         self._notify()
 
@@ -1213,7 +1546,7 @@ class ComfySimulator:
             except Exception as ex:  # noqa: BLE001 - e.g. a literal where a link was expected
                 raise NodeFailed(type(ex).__name__, str(ex)) from None
         except NodeFailed as failure:
-            current_inputs = {name: [value.repr() if isinstance(value, (Image, Mask)) else value]
+            current_inputs = {name: [value.repr() if hasattr(value, "repr") else value]
                               for name, value in inputs.items()}
             raise _NodeError(node_id, failure, current_inputs) from None
         if ui:
@@ -1239,11 +1572,11 @@ class ComfySimulator:
             if not hold.reached.done():
                 hold.reached.set_result(item.prompt_id)
             await hold._released
-        await asyncio.sleep(self.node_delay)
+        await self.sleep(self.node_delay / self.speed)
 
     def _resolve_inputs(self, prompt: dict, node_id: str, signatures: dict) -> dict:
         """Input values in the order ComfyUI's get_input_data builds them."""
-        node_class = NODE_CLASSES[prompt[node_id]["class_type"]]
+        node_class = self.node_classes[prompt[node_id]["class_type"]]
         inputs = prompt[node_id]["inputs"]
         resolved = {}
         for name in dict_set_order(node_class.required):
@@ -1265,6 +1598,30 @@ class ComfySimulator:
                 raise NodeFailed("AttributeError", f"'{type(value).__name__}' object has no attribute 'shape'")
             return value
 
+        class_type = self.node_classes[class_type].runs_as or class_type
+        if class_type == "CheckpointLoaderSimple":
+            name = inputs["ckpt_name"]
+            await self._load_checkpoint(item, name)
+            return [Model(name), Clip(name), Vae(name)], None
+        if class_type == "CLIPTextEncode":
+            clip = inputs.get("clip")
+            if not isinstance(clip, Clip):
+                raise NodeFailed("RuntimeError", "ERROR: clip input is invalid: None\n\nIf the clip is from a "
+                                 "checkpoint loader node your checkpoint does not contain a valid clip or text "
+                                 "encoder model.")
+            return [Conditioning(clip.ckpt_name, str(inputs["text"]))], None
+        if class_type == "EmptyLatentImage":
+            return [Latent(inputs["height"], inputs["width"], inputs["batch_size"])], None
+        if class_type == "KSampler":
+            return [await self._sample(item, node_id, inputs, progress)], None
+        if class_type == "VAEDecode":
+            samples = inputs.get("samples")
+            if not isinstance(samples, Latent):
+                raise NodeFailed("TypeError", f"'{type(samples).__name__}' object is not subscriptable")
+            # one uniform colour per picture, following the checkpoint and the seed
+            digest = hashlib.sha256(repr((samples.ckpt_name, samples.seed)).encode()).digest()
+            pixels = [tuple(f32(digest[3 * i + c] / 255.0) for c in range(3)) for i in range(samples.batch)]
+            return [Image(samples.height, samples.width, 3, pixels)], None
         if class_type == "EmptyImage":
             color = inputs["color"]
             pixel = tuple(f32(((color >> shift) & 0xFF) / 0xFF) for shift in (16, 8, 0))
@@ -1331,6 +1688,38 @@ class ComfySimulator:
             return [], None
         raise NodeFailed("NotImplementedError", f"{class_type} is not emulated")
 
+    async def _load_checkpoint(self, item: QueueItem, name: str) -> None:
+        """A checkpoint loader that runs: free if this checkpoint is the loaded one, else
+        load_seconds (one model load)."""
+        if item.record is not None:
+            item.record.checkpoints.append(name)
+        if name == self.loaded_checkpoint:
+            return
+        self.loaded_checkpoint = None
+        await self.sleep(self.load_seconds)
+        self.loaded_checkpoint = name
+        self.model_loads += 1
+        if item.record is not None:
+            item.record.model_load = True
+
+    async def _sample(self, item: QueueItem, node_id: str, inputs: dict, progress: "_Progress") -> "Latent":
+        """KSampler: ``steps`` steps of step_delay / speed each, a progress message after each
+        one, interruptible between steps (no previews: the server's default preview method)."""
+        model, latent = inputs.get("model"), inputs.get("latent_image")
+        for name, value, kind in (("model", model, Model), ("positive", inputs.get("positive"), Conditioning),
+                                  ("negative", inputs.get("negative"), Conditioning), ("latent_image", latent, Latent)):
+            if not isinstance(value, kind):
+                raise NodeFailed("AttributeError", f"'{type(value).__name__}' object has no attribute "
+                                 f"{'model' if name == 'model' else 'shape'!r}")
+        steps = inputs["steps"]
+        for step in range(steps):
+            self._check_interrupt(node_id)
+            await self.sleep(self.step_delay / self.speed)
+            progress.update(node_id, step + 1, steps)
+            self._send("progress", {"value": step + 1, "max": steps, "prompt_id": item.prompt_id, "node": node_id},
+                       item.client_id)
+        return Latent(latent.height, latent.width, latent.batch, model.ckpt_name, inputs["seed"])
+
     def _png(self, src: Image, index: int, level: int, text: dict | None = None) -> bytes:
         pixel = src.pixels[index]
         if pixel is None:
@@ -1368,7 +1757,7 @@ class ComfySimulator:
         prompt_id, cid = item.prompt_id, item.client_id
         total = src.batch
         for step in range(total):
-            await asyncio.sleep(self.step_delay)
+            await self.sleep(self.step_delay / self.speed)
             self._check_interrupt(node_id)  # the ProgressBar hook checks the flag
             png = self._png(src, step, 1)
             progress.update(node_id, step, total)
@@ -1400,7 +1789,7 @@ class ComfySimulator:
         partial = body["partial_execution_targets"] if "partial_execution_targets" in body else None
         error = None
         try:
-            outputs, node_errors = validate_prompt(prompt, partial, self.file_exists)
+            outputs, node_errors = validate_prompt(prompt, partial, self.file_exists, self.node_classes)
         except PromptError as e:
             error = e
         extra_data = body["extra_data"] if "extra_data" in body else {}
@@ -1723,6 +2112,26 @@ class SimControlHandler(SimHandler):
         self.empty(200)
 
 
+class SimRecordsHandler(SimHandler):
+    """Not ComfyUI's: with --control, GET /__sim/records answers snapshot() (counters and job
+    records), so a test can count executions in a simulator that runs as its own process."""
+
+    def get(self) -> None:
+        self.json(self.sim.snapshot())
+
+
+class ModelsHandler(SimHandler):
+    """GET /models (the model folders) and /models/{folder} (its files, or 404 empty)."""
+
+    def get(self, folder: str | None = None) -> None:
+        if folder is None:
+            return self.json(self.sim.model_folders())
+        files = self.sim.model_files(folder)
+        if files is None:
+            return self.empty(404)
+        self.json(files)
+
+
 class UploadImageHandler(SimHandler):
     """POST /upload/image (multipart: image, subfolder, type, overwrite), as server.py's
     image_upload: a path outside the folder is a 400; without overwrite a taken name becomes
@@ -1755,16 +2164,26 @@ class UploadImageHandler(SimHandler):
 
 class SystemStatsHandler(SimHandler):
     def get(self) -> None:
-        ram = 25276510208
-        self.json({"system": {"os": "posix", "ram_total": ram, "ram_free": 24248344576,
-                              "comfyui_version": COMFYUI_VERSION, "required_frontend_version": "1.27.10",
+        sim = self.sim
+        ram, ram_free = 25276510208, 24248344576
+        if sim.device_name == "cpu":  # the recorded --cpu server: the device is the RAM
+            device = {"name": "cpu", "type": "cpu", "index": None, "vram_total": sim.vram_total or ram,
+                      "vram_free": sim.vram_free or ram_free, "torch_vram_total": sim.vram_total or ram,
+                      "torch_vram_free": sim.vram_free or ram_free}
+            argv = ["main.py", "--cpu", "--listen", sim.address, "--port", str(sim.port)]
+        else:  # e.g. "cuda:0 NVIDIA GeForce RTX 4090 : cudaMallocAsync"
+            total = sim.vram_total or 25386352640
+            free = sim.vram_free if sim.vram_free is not None else total - 524288000
+            device = {"name": sim.device_name, "type": sim.device_name.split(":")[0].split()[0],
+                      "index": 0, "vram_total": total, "vram_free": free,
+                      "torch_vram_total": total - free, "torch_vram_free": 0}
+            argv = ["main.py", "--listen", sim.address, "--port", str(sim.port)]
+        self.json({"system": {"os": "posix", "ram_total": ram, "ram_free": ram_free,
+                              "comfyui_version": sim.comfyui_version, "required_frontend_version": "1.27.10",
                               "installed_templates_version": "0.1.95", "required_templates_version": "0.1.95",
-                              "python_version": "3.11.7 (simulator)", "pytorch_version": "2.13.0+cpu",
-                              "embedded_python": False,
-                              "argv": ["main.py", "--cpu", "--listen", self.sim.address, "--port", str(self.sim.port)]},
-                   "devices": [{"name": "cpu", "type": "cpu", "index": None, "vram_total": ram,
-                                "vram_free": 24248344576, "torch_vram_total": ram,
-                                "torch_vram_free": 24248344576}]})
+                              "python_version": sim.python_version, "pytorch_version": sim.pytorch_version,
+                              "embedded_python": False, "argv": argv},
+                   "devices": [device]})
 
 
 class FeaturesHandler(SimHandler):
@@ -1774,9 +2193,10 @@ class FeaturesHandler(SimHandler):
 
 class ObjectInfoHandler(SimHandler):
     def get(self, name: str | None = None) -> None:
+        classes = self.sim.node_classes
         if name is None:
-            return self.json({n: c.object_info(n) for n, c in NODE_CLASSES.items()})
-        node_class = NODE_CLASSES.get(name)
+            return self.json({n: c.object_info(n) for n, c in classes.items()})
+        node_class = classes.get(name)
         self.json({name: node_class.object_info(name)} if node_class else {})
 
 
@@ -1883,6 +2303,10 @@ class SimSocket(WebSocketHandler):
             self.close()
 
 
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="A ComfyUI 0.3.64 SIMULATOR (a test double, not ComfyUI)")
     parser.add_argument("--port", type=int, default=8188)
@@ -1890,12 +2314,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--node-delay", type=float, default=0.0, help="seconds each executed node takes")
     parser.add_argument("--step-delay", type=float, default=0.0, help="seconds per SaveImageWebsocket image")
     parser.add_argument("--control", action="store_true",
-                        help="serve POST /__sim/pause and /__sim/resume (not ComfyUI's: for benchmarks)")
+                        help="serve POST /__sim/pause and /__sim/resume and GET /__sim/records "
+                             "(not ComfyUI's: for benchmarks and tests)")
+    parser.add_argument("--speed", type=float, default=1.0, help="node and step delays are divided by this")
+    parser.add_argument("--load-seconds", type=float, default=0.0,
+                        help="seconds a checkpoint loader takes when the checkpoint is not the loaded one")
+    parser.add_argument("--models", type=_names, default=[], metavar="A,B,...", help="checkpoint file names")
+    parser.add_argument("--model-files", action="append", default=[], metavar="FOLDER=A,B,...",
+                        help="files of another model folder (repeatable), e.g. loras=detail.safetensors")
+    parser.add_argument("--without-node-classes", type=_names, default=[], metavar="A,B,...",
+                        help="standard node classes this server lacks (e.g. SaveImageWebsocket)")
+    parser.add_argument("--extra-node-classes", type=_names, default=[], metavar="A,B,...",
+                        help="custom image-filter node classes this server has (inputs image, strength)")
+    parser.add_argument("--device-name", default="cpu", help='/system_stats device, e.g. "cuda:0 NVIDIA L4"')
+    parser.add_argument("--vram-total", type=int, default=None, help="/system_stats vram_total (bytes)")
+    parser.add_argument("--vram-free", type=int, default=None, help="/system_stats vram_free (bytes)")
     args = parser.parse_args(argv)
+    models = {"checkpoints": args.models}
+    for spec in args.model_files:
+        folder, sep, names = spec.partition("=")
+        if not sep or not folder:
+            parser.error(f"--model-files: expected FOLDER=A,B,..., got {spec!r}")
+        models[folder] = models.get(folder, []) + _names(names)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     async def run() -> None:
-        sim = ComfySimulator(node_delay=args.node_delay, step_delay=args.step_delay, control=args.control)
+        try:
+            sim = ComfySimulator(node_delay=args.node_delay, step_delay=args.step_delay, control=args.control,
+                                 speed=args.speed, load_seconds=args.load_seconds, models=models,
+                                 without_node_classes=args.without_node_classes,
+                                 extra_node_classes=args.extra_node_classes, device_name=args.device_name,
+                                 vram_total=args.vram_total, vram_free=args.vram_free)
+        except ValueError as e:
+            parser.error(str(e))
         await sim.start(args.port, args.address)
         log.warning("ComfyUI %s SIMULATOR (a test double, not ComfyUI) listening on %s", COMFYUI_VERSION, sim.url)
         try:
