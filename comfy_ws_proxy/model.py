@@ -100,10 +100,14 @@ class SubmitRequest:
     front: bool = False
     timeout_s: float | None = None  # this job's execution time limit (may only lower the option's)
     webhook_url: str | None = None  # where to deliver the outcome (Standard Webhooks)
+    labels: tuple[str, ...] = ()  # backends it may run on must have every one of these
 
     def payload(self) -> dict:
-        return {"prompt": self.prompt, "extra_data": self.extra_data,
-                "partial_execution_targets": self.partial_execution_targets, "front": self.front}
+        payload = {"prompt": self.prompt, "extra_data": self.extra_data,
+                   "partial_execution_targets": self.partial_execution_targets, "front": self.front}
+        if self.labels:
+            payload["labels"] = list(self.labels)
+        return payload
 
 
 @dataclass(frozen=True)

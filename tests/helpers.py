@@ -34,6 +34,26 @@ def workflow(name: str) -> dict:
         return json.load(f)
 
 
+async def until(predicate: Callable[[], bool], listeners: list[list], timeout: float = TIMEOUT) -> None:
+    """Wait until ``predicate()`` holds, checked again whenever one of ``listeners`` (lists
+    of callbacks, such as the tracker's) is called."""
+    changed = asyncio.Event()
+
+    def poke(*args) -> None:
+        changed.set()
+    for callbacks in listeners:
+        callbacks.append(poke)
+    try:
+        async def wait():
+            while not predicate():
+                changed.clear()
+                await changed.wait()
+        await asyncio.wait_for(wait(), timeout)
+    finally:
+        for callbacks in listeners:
+            callbacks.remove(poke)
+
+
 def job_finished(state, job_id: str) -> asyncio.Future:
     """A future resolved with the job once the tracker has finished it (at once if it has)."""
     future = asyncio.get_running_loop().create_future()
@@ -118,6 +138,16 @@ class Client:
                 self._changed.clear()
                 await self._changed.wait()
         return await asyncio.wait_for(find(), timeout)
+
+    async def until(self, predicate: Callable[[], bool], timeout: float = TIMEOUT) -> None:
+        """Wait until ``predicate()`` holds, checked again on every message received."""
+        async def wait():
+            while not predicate():
+                if self.closed.done():
+                    raise AssertionError(f"{self.user}: closed {self.closed.result()}")
+                self._changed.clear()
+                await self._changed.wait()
+        await asyncio.wait_for(wait(), timeout)
 
     def json_messages(self) -> list[dict]:
         return [m for m in self.received if isinstance(m, dict)]

@@ -128,6 +128,10 @@ class Reconciler:
     def link_down(self, link: ComfyLink) -> None:
         for job in self.tracker.in_comfy(link.owner, link.backend.name):
             job.gap = True  # what ComfyUI sends it now is lost
+            if len(self.pool) > 1:
+                # Is that backend gone? Asking now tells its breaker soon (a failover needs it),
+                # rather than at the next watchdog round.
+                self.ask(job)
         self.changed()
 
     def tick(self) -> None:

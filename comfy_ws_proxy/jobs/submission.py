@@ -7,6 +7,7 @@ from ..model import ErrorCode, RequestError, SubmitRequest, is_canonical_uuid
 
 MAX_TIMEOUT_S = 7 * 24 * 3600  # a job's own time limit: a week at most
 MAX_URL = 2048
+MAX_LABELS = 16  # backend labels one job may require
 
 
 def parse_submit(data: dict, max_prompt_nodes: int, node_allowlist: tuple[str, ...]) -> SubmitRequest:
@@ -55,5 +56,9 @@ def parse_submit(data: dict, max_prompt_nodes: int, node_allowlist: tuple[str, .
             raise RequestError(ErrorCode.INVALID_MESSAGE,
                                f"webhook_url must be an http(s) URL of at most {MAX_URL} characters, without "
                                "credentials")
+    labels = data.get("labels")
+    if labels is not None and (not isinstance(labels, list) or len(labels) > MAX_LABELS
+                               or not all(isinstance(x, str) and 0 < len(x) <= 64 for x in labels)):
+        raise RequestError(ErrorCode.INVALID_MESSAGE, f"labels must be a list of at most {MAX_LABELS} backend labels")
     return SubmitRequest(prompt, prompt_id, extra_data, targets, front,
-                         float(timeout_s) if timeout_s is not None else None, webhook_url)
+                         float(timeout_s) if timeout_s is not None else None, webhook_url, tuple(labels or ()))
