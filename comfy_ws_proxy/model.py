@@ -58,6 +58,7 @@ class Job:
     result: dict | None = None  # the final event's data (error details), or the rejection
     told: bool = False        # the final outcome reached one of the owner's live sockets
     webhook_url: str = ""     # where its final outcome is delivered ("" : nowhere)
+    template: dict | None = None  # {name, params} of the template it was made from (params resolved)
 
     # --- this process only (never stored) ---
     gap: bool = field(default=False, compare=False)  # events may have been missed (restart, link drop)
@@ -92,6 +93,8 @@ class SubmitRequest:
     front: bool = False
     timeout_s: float | None = None  # this job's execution time limit (may only lower the option's)
     webhook_url: str | None = None  # where to deliver the outcome (Standard Webhooks)
+    template: str | None = None  # a template's name instead of a prompt (rendered by the service)
+    params: dict | None = None  # the template's parameters (once rendered: every one, resolved)
 
     def payload(self) -> dict:
         return {"prompt": self.prompt, "extra_data": self.extra_data,
@@ -135,6 +138,8 @@ class ErrorCode:
     QUEUE_FULL = "queue_full"
     INVALID_MESSAGE = "invalid_message"
     INVALID_PROMPT = "invalid_prompt"
+    INVALID_PARAMS = "invalid_params"  # a template's parameters break its rules (every one listed)
+    UNKNOWN_TEMPLATE = "unknown_template"
     COMFY_ERROR = "comfy_error"  # ComfyUI failed (5xx) on this prompt, again and again
     OUTCOME_UNKNOWN = "outcome_unknown"  # ComfyUI lost it, and it may have run: not sent again
     MESSAGE_TOO_LARGE = "message_too_large"
