@@ -89,10 +89,10 @@ class Parameter:
             if self.max is not None:
                 s["maximum"] = self.max
             if self.step is not None:
-                if self.type == "integer" and (self.min is None or self.min % self.step == 0):
-                    s["multipleOf"] = self.step  # the same rule as (value - min) % step
-                else:  # (multipleOf with a fractional step fails on float rounding: 0.3 / 0.1)
-                    words.append(f"In steps of {self.step:g} from {self.min or 0:g}.")
+                if self.type == "integer" or (self.step * 1024).is_integer():
+                    s["multipleOf"] = self.step
+                else:  # (a validator's multipleOf fails on float rounding: 0.3 / 0.1 is 2.9999999999999996)
+                    words.append(f"A multiple of {self.step:g}.")
         elif self.type == "string":
             s["type"] = "string"
             if self.min_length is not None:
@@ -340,9 +340,8 @@ def check_value(p: Parameter, value: Any) -> tuple[Any, list[dict]]:
             return value, [_problem(p, "min", value, f"{value} is below the minimum {low}", limit=low)]
         if high is not None and value > high:
             return value, [_problem(p, "max", value, f"{value} is above the maximum {high}", limit=high)]
-        if p.step is not None and (value - (p.min or 0)) % p.step:
-            return value, [_problem(p, "step", value, f"{value} is not in steps of {p.step} from {p.min or 0}",
-                                    limit=p.step)]
+        if p.step is not None and value % p.step:
+            return value, [_problem(p, "step", value, f"{value} is not a multiple of {p.step}", limit=p.step)]
         return value, []
     if kind == "number":
         if not _number(value):
@@ -353,10 +352,10 @@ def check_value(p: Parameter, value: Any) -> tuple[Any, list[dict]]:
         if p.max is not None and value > p.max:
             return value, [_problem(p, "max", value, f"{value:g} is above the maximum {p.max:g}", limit=p.max)]
         if p.step is not None:
-            steps = (value - (p.min or 0)) / p.step
+            steps = value / p.step  # (a multiple within float rounding: 0.3 of a step of 0.1 is one)
             if abs(steps - round(steps)) > 1e-9 * max(1.0, abs(steps)):
-                return value, [_problem(p, "step", value, f"{value:g} is not in steps of {p.step:g} from "
-                                                          f"{p.min or 0:g}", limit=p.step)]
+                return value, [_problem(p, "step", value, f"{value:g} is not a multiple of {p.step:g}",
+                                        limit=p.step)]
         return value, []
     if kind == "boolean":
         if not isinstance(value, bool):
