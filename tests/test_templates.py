@@ -544,4 +544,27 @@ def test_the_shipped_text2img_parses_and_every_parameter_is_used():
     with open(os.path.join(SHIPPED, "text2img.json"), encoding="utf-8") as f:
         t = parse_template("text2img", json.load(f))
     assert t.outputs == ("4",)
-    assert {p.type for p in t.parameters.values()} == {"seed", "integer", "number", "model", "string"}
+    assert {p.type for p in t.parameters.values()} == {"seed", "integer", "number", "string"}
+    # recorded only: a model the backend lacks must not refuse the checkpoint-free variant
+    assert t.parameters["model"].type == "string" and "recorded only" in t.parameters["model"].description
+
+
+async def test_the_python_clients_submit_templates():
+    from comfy_ws_proxy.client import ProxyClient, ProxyError
+    from comfy_ws_proxy.client.http import JobsClient
+
+    async with ProxyHarness(templates_dir=SHIPPED) as h:
+        async with ProxyClient(f"ws://127.0.0.1:{h.port}/ws", h.token("alice")) as client:
+            handle = await client.submit_template("text2img", {"seed": 3, "steps": 2})
+            assert handle.accepted["template"]["params"]["seed"] == 3
+            assert (await asyncio.wait_for(handle.result(), TIMEOUT)).status == "success"
+            with pytest.raises(ProxyError) as caught:
+                await client.submit_template("text2img", {"steps": 99, "seed": "x"})
+            assert caught.value.code == "invalid_params"
+            assert {p["parameter"] for p in caught.value.details["errors"]} == {"steps", "seed"}
+        async with JobsClient(h.url, h.token("alice")) as jobs:
+            job = await jobs.submit_template("text2img", {"width": 64}, wait=10)
+            assert job["status"] == "completed" and job["template"]["params"]["width"] == 64
+            with pytest.raises(ProxyError) as caught:
+                await jobs.submit_template("text2img", {"width": 63})
+            assert caught.value.code == "invalid_params"
