@@ -35,8 +35,8 @@ from .api.ops import (
     snapshot,
 )
 from .api.outputs import DownloadSlots, OutputsHandler
-from .api.uploads import UploadHandler
 from .api.templates import TemplateHandler, TemplatesHandler
+from .api.uploads import UploadHandler
 from .auth import build_verifier
 from .backends.backend import Backend
 from .backends.breaker import CircuitBreaker
@@ -279,7 +279,8 @@ def routes(state: ProxyState, prefix: str = "") -> list:
         (prefix + r"/openapi\.json", OpenApiHandler, {"settings": state.settings, "prefix": prefix,
                                                    "version": state.version, "templates": state.templates}),
         (prefix + r"/templates/?", TemplatesHandler, {**state.user_kwargs(), "templates": state.templates}),
-        (prefix + r"/templates/([^/]{1,200})", TemplateHandler, {**state.user_kwargs(), "templates": state.templates}),
+        (prefix + r"/templates/([^/]{1,200})", TemplateHandler,
+         {**state.user_kwargs(), "templates": state.templates}),
         (prefix + r"/docs", DocsHandler),
         (prefix + r"/upload", UploadHandler, {**state.user_kwargs(), "uploads": state.uploads,
                                               "settings": state.settings}),

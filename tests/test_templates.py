@@ -309,7 +309,8 @@ async def test_each_template_is_a_valid_json_schema_that_agrees_with_the_checks(
         validator = Draft202012Validator(r.get("all").schema())
         cases = [{"img": UPLOAD_LIKE}, {"img": UPLOAD_LIKE, "seed": "random"}, {"img": UPLOAD_LIKE, "seed": SEED_MAX},
                  {"img": UPLOAD_LIKE, "i": 6, "n": 0.75, "e": 3, "b": True, "s": "abcde"},
-                 {"img": UPLOAD_LIKE, "i": 5}, {"img": UPLOAD_LIKE, "i": 14}, {"img": UPLOAD_LIKE, "n": 0.3}, {"img": UPLOAD_LIKE, "n": 1.5},
+                 {"img": UPLOAD_LIKE, "i": 5}, {"img": UPLOAD_LIKE, "i": 14}, {"img": UPLOAD_LIKE, "n": 0.3},
+                 {"img": UPLOAD_LIKE, "n": 1.5},
                  {"img": UPLOAD_LIKE, "e": "z"}, {"img": UPLOAD_LIKE, "s": "x"}, {"img": UPLOAD_LIKE, "b": 0},
                  {"img": UPLOAD_LIKE, "seed": -1}, {"img": "cat.png"}, {}, {"img": UPLOAD_LIKE, "typo": 1}]
         for params in cases:
