@@ -230,6 +230,16 @@ OPTIONS: tuple[Option, ...] = (
     _opt("upload_dir", "str", "",
          "Where uploads are kept, per user (empty: STORE_PATH + '.uploads'; with ':memory:', a temporary "
          "folder)."),
+    # --- workflow templates (docs/templates.rst) ----------------------------------------------
+    _opt("templates_dir", "str", "",
+         "A directory of workflow templates, one <name>.json file each (empty: no templates)."),
+    _opt("templates_reload_interval_s", "float", 5.0,
+         "How often the templates' files are looked at for changes (a stat each; changed ones are "
+         "reloaded). 0: only at start.", minimum=0),
+    _opt("templates_max_count", "int", 200,
+         "Most templates served (the first by file name; the others are reported as broken).", minimum=1),
+    _opt("templates_max_file_bytes", "int", 1 * MIB,
+         "Largest template file read (a larger one is reported as broken).", minimum=1024),
     _opt("max_downloads_per_user", "int", 4,
          "/outputs downloads one user may have in progress at once (too_many_downloads).", minimum=1),
     _opt("download_stall_timeout_s", "float", 30.0,

@@ -34,7 +34,13 @@ class LiveHandler(OpsHandler):
 class ReadyHandler(OpsHandler):
     """Ready for traffic: accepting, the store writing, and at least one backend able to take
     work: its breaker not open, ComfyUI answering HTTP, its WebSocket not refusing us. The
-    answer details every backend."""
+    answer details every backend. Broken template files are listed in every answer
+    (``templates``) but never make the proxy unready: the other templates serve."""
+
+    def write_json(self, data, status: int = 200) -> None:
+        if self.app_state.templates is not None:
+            data = {**data, "templates": self.app_state.templates.status()}
+        super().write_json(data, status)
 
     async def get(self):
         state = self.app_state
@@ -138,6 +144,8 @@ def snapshot(state, detailed: bool) -> dict:
         "queued_prompts_total": sum(queued.values()),
         "event_loop_lag_seconds": round(state.loop_lag, 4),
     }
+    if state.templates is not None:
+        data["templates"] = state.templates.status()
     if detailed:
         data["sessions"] = [
             s.describe(now, {"upstream_connected": any(link.ready.is_set() for link in state.links.of(s.user_id)),

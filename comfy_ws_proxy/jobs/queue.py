@@ -99,6 +99,8 @@ def accepted_data(job: Job, *, queued: bool, node_errors: dict | None = None, **
     data = {"prompt_id": job.job_id, "number": None if queued else job.number, "node_errors": node_errors or {},
             "queued": queued}
     data.update({k: v for k, v in flags.items() if v})
+    if job.template is not None:
+        data["template"] = job.template  # {name, params}: the drawn seed too, to make it again
     return data
 
 
