@@ -138,8 +138,9 @@ OPTIONS: tuple[Option, ...] = (
          "POSTs of one prompt that ComfyUI may answer with a 5xx while it is up (a poison prompt); "
          "after that the prompt fails with comfy_error and its owner is told.", minimum=1),
     _opt("max_comfy_jobs_per_user", "int", 2,
-         "Jobs of one user that ComfyUI may hold at once (running plus waiting in its queue); the "
-         "user's others wait in the proxy's queue, so nobody fills ComfyUI's queue. 0: no limit.", minimum=0),
+         "Jobs of one user that ComfyUI may hold at once (running plus waiting in its queue; with several "
+         "backends, this many per backend); the user's others wait in the proxy's queue, so nobody fills "
+         "ComfyUI's queue. 0: no limit.", minimum=0),
     _opt("allow_front", "bool", False,
          "Let clients submit with front: true (ahead of everyone in ComfyUI's queue)."),
     _opt("backend_queue_depth", "int", 0,

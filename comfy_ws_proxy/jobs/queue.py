@@ -210,8 +210,9 @@ class JobQueue:
         self.tracker.end_without_running(job, JobState.REJECTED, "error", no_backend_data(job, why))
 
     def owner_full(self, owner: str) -> bool:
-        """ComfyUI holds as many of this owner's jobs as it may (MAX_COMFY_JOBS_PER_USER)."""
-        return bool(self.per_owner) and self.tracker.placed_by_owner[owner] >= self.per_owner
+        """The backends hold as many of this owner's jobs as they may (MAX_COMFY_JOBS_PER_USER
+        per backend: one user alone may keep every GPU busy, never fill a ComfyUI's queue)."""
+        return bool(self.per_owner) and self.tracker.placed_by_owner[owner] >= self.per_owner * len(self.pool)
 
     def announce_queued(self, job: Job) -> None:
         self.metrics.prompts.labels("queued").inc()
