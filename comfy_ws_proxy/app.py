@@ -113,6 +113,9 @@ class ProxyState:
         self.store = open_store(settings.store_path)
         # the domain
         self.tracker = JobTracker(self.store, self.metrics, clock, wall, settings.share_comfy_status)
+        for backend in self.pool:
+            self.metrics.backend_jobs.labels(backend.name).set_function(
+                lambda name=backend.name: self.tracker.placed_count(name))
         self._spare_client_ids: dict[tuple[str, str], str] = {}
         self.links = LinkManager(settings, self._client_id, self.tracker, self.metrics)
         self.queue = JobQueue(self.tracker, self.pool, self.links, self.metrics, clock,

@@ -28,7 +28,7 @@ NS = "comfy_ws_proxy"
 DIRECTIONS = ("to_client", "to_comfy")
 TYPE_CLASSES = ("status", "progress", "execution", "output", "preview", "text", "control", "error", "other")
 PROMPT_OUTCOMES = ("accepted", "queued", "rejected", "rate_limited", "queue_full", "success", "error",
-                   "interrupted", "timed_out", "cancelled", "resubmitted", "lost")
+                   "interrupted", "timed_out", "cancelled", "resubmitted", "lost", "moved", "fenced")
 AUTH_REASONS = ("missing_token", "malformed", "alg_not_allowed", "unknown_kid", "bad_signature", "expired",
                 "not_yet_valid", "bad_issuer", "bad_audience", "missing_claim", "invalid", "timeout",
                 "origin", "too_many_connections_ip")
@@ -82,6 +82,8 @@ class Metrics:
         self.bytes = Counter(f"{NS}_bytes_total", "Bytes relayed", ["direction", "type_class"], registry=r)
         self.prompts = Counter(f"{NS}_prompts_total", "Prompts by outcome", ["outcome"], registry=r)
         self.queued_prompts = Gauge(f"{NS}_queued_prompts", "Prompts waiting in the proxy queue", registry=r)
+        self.backend_jobs = Gauge(f"{NS}_backend_jobs", "Our jobs a backend holds (being sent, pending, running)",
+                                  ["backend"], registry=r)
         self.breaker_state = Gauge(f"{NS}_breaker_state", "Breaker state (1 for the current state)",
                                    ["backend", "state"], registry=r)
         self.breaker_transitions = Counter(f"{NS}_breaker_transitions_total", "Breaker state changes",

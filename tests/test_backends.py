@@ -230,3 +230,6 @@ async def test_ready_and_metrics_detail_every_backend(io_loop):
             "Authorization": "Bearer " + h.settings.metrics_secret})).body)
         assert set(metrics["backends"]) == {"a", "b"}
         assert metrics["backends"]["b"]["capabilities"]["node_classes"] > 0
+        text = (await h.get("/metrics/prometheus", headers={
+            "Authorization": "Bearer " + h.settings.metrics_secret})).body.decode()
+        assert 'comfy_ws_proxy_backend_jobs{backend="a"}' in text and 'breaker_state{backend="b"' in text
