@@ -29,7 +29,7 @@ from ..model import (
 )
 from ..store import StoreError
 from .isolation import UserIsolation
-from .queue import JobQueue
+from .queue import JobQueue, accepted_data
 from .reconcile import Reconciler, locate
 from .tracker import JobTracker
 from .webhooks import WebhookSender
@@ -66,8 +66,10 @@ class TokenBucket:
 class JobService:
     def __init__(self, tracker: JobTracker, queue: JobQueue, reconciler: Reconciler, pool: BackendPool,
                  links: LinkManager, metrics: Metrics, settings, clock: Callable[[], float],
-                 isolation: UserIsolation | None = None, webhooks: WebhookSender | None = None):
+                 isolation: UserIsolation | None = None, webhooks: WebhookSender | None = None,
+                 cache=None):
         self.tracker = tracker
+        self.cache = cache  # a ResultCache (RESULT_CACHE), or None
         self.isolation = isolation
         self.webhooks = webhooks
         self.queue = queue
@@ -93,10 +95,14 @@ class JobService:
 
     def start(self) -> None:
         self._cleanup_timer.start()
+        if self.cache is not None:
+            self.cache.start()  # (before the reconciler: leaders found finished must find their followers)
         self.reconciler.start()
 
     def stop(self) -> None:
         self._cleanup_timer.stop()
+        if self.cache is not None:
+            self.cache.stop()
         for task in self._withdrawals:
             task.cancel()
         self.reconciler.stop()
@@ -132,18 +138,32 @@ class JobService:
         if self.tracker.waiting_count(owner) >= self.settings.max_queued_prompts_per_user:
             self.metrics.prompts.labels("queue_full").inc()
             raise RequestError(ErrorCode.QUEUE_FULL, prompt_id=job_id)
+        submitted = request
         if self.isolation is not None:
             try:
                 request = dataclasses.replace(request, prompt=self.isolation.confine(owner, request.prompt))
             except RequestError as e:
                 e.prompt_id = job_id
                 raise
+        # The cache key is of what the user submitted (before the confinement), in its scope.
+        plan = await self.cache.plan(owner, submitted, request.prompt) if self.cache is not None else None
+        if plan is not None and self.tracker.id_taken(job_id):  # (taken while the files were hashed)
+            raise RequestError(ErrorCode.INVALID_MESSAGE, "prompt_id is already in use", prompt_id=job_id)
         job = Job(job_id, owner, JobState.QUEUED, request.payload(), created_at=self.tracker.wall(),
                   updated_at=self.tracker.wall(), timeout_s=self._time_limit(request), webhook_url=webhook_url)
         job.last_heard = now
         job.nodes_total = len(request.prompt)
+        way = self.cache.admit(job, plan) if plan is not None else "lead"
         if answer_for is not None:
             job.answer = answer_for(job)
+        if way == "hit":
+            self.tracker.add(job)
+            self.tracker.announce_cached(job, accepted_data(job, queued=False, cached=True))
+            return job
+        if way == "follow":
+            self.tracker.add(job)
+            self.tracker.notify(job, "prompt_accepted", accepted_data(job, queued=True))
+            return job
         await self.queue.submit(job)
         return job
 
@@ -235,7 +255,7 @@ class JobService:
         job = self.get(owner, job_id)
         if job.finished:
             raise RequestError(ErrorCode.INVALID_MESSAGE, f"Prompt already {job.state}", prompt_id=job_id)
-        if job.state == JobState.QUEUED and not job.outcome_unknown:
+        if (job.state == JobState.QUEUED and not job.outcome_unknown) or job.state == JobState.WAITING:
             self._cancelled(job)
             return
         backend = self.pool.get(job.backend)

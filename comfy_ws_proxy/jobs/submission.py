@@ -55,5 +55,8 @@ def parse_submit(data: dict, max_prompt_nodes: int, node_allowlist: tuple[str, .
             raise RequestError(ErrorCode.INVALID_MESSAGE,
                                f"webhook_url must be an http(s) URL of at most {MAX_URL} characters, without "
                                "credentials")
+    no_cache = data.get("no_cache", False)
+    if not isinstance(no_cache, bool):
+        raise RequestError(ErrorCode.INVALID_MESSAGE, "no_cache must be true or false")
     return SubmitRequest(prompt, prompt_id, extra_data, targets, front,
-                         float(timeout_s) if timeout_s is not None else None, webhook_url)
+                         float(timeout_s) if timeout_s is not None else None, webhook_url, no_cache)

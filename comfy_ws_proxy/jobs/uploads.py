@@ -72,6 +72,10 @@ class UploadStore:
             os.fsync(f.fileno())
         os.replace(partial, path)  # never half a file under the final name
 
+    def exists(self, folder: str, name: str) -> bool:
+        """Is this upload kept here? (blocking: call it off the IOLoop)"""
+        return bool(folder) and os.path.isfile(os.path.join(self.root, folder, name))
+
     def _read(self, folder: str, name: str) -> bytes | None:
         try:
             with open(os.path.join(self.root, folder, name), "rb") as f:
