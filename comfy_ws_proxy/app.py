@@ -225,6 +225,8 @@ class ProxyState:
         self.lag_monitor.stop()
         self.pinger.stop()
         self.service.stop()
+        if self.cache is not None:
+            await self.cache.close(grace)
         await self.webhooks.stop()
         for events in self.job_events:
             events.close()

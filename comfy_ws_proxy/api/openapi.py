@@ -34,7 +34,10 @@ def document(settings, prefix: str = "", version: str = "") -> dict:
                           "same key and body replay the recorded answer (Idempotency-Replayed: true); another body "
                           f"is 422; one still being accepted is 409. Keys expire after "
                           f"{settings.idempotency_key_ttl_s} s."}
-    submit = {"tags": ["jobs"], "summary": "Submit a job", "parameters": [key, prefer],
+    no_cache = {"name": "Cache-Control", "in": "header", "required": False, "schema": {"type": "string"},
+                "description": "no-cache (or no-store): run the prompt even if the result cache has its result, "
+                               "and do not store this one (RESULT_CACHE; docs/cache.rst)."}
+    submit = {"tags": ["jobs"], "summary": "Submit a job", "parameters": [key, prefer, no_cache],
               "requestBody": {"required": True, "content": {"application/json": {"schema": {
                   "oneOf": [{"$ref": "#/components/schemas/Submission"},
                             {"$ref": "#/components/schemas/Workflow"}]}}}},
@@ -107,7 +110,10 @@ def document(settings, prefix: str = "", version: str = "") -> dict:
             "partial_execution_targets": {"type": "array", "items": {"type": "string"}},
             "timeout_s": {"type": "number", "exclusiveMinimum": 0},
             "webhook_url": {"type": "string", "format": "uri",
-                            "description": "Where the outcome is POSTed (Standard Webhooks)"}}},
+                            "description": "Where the outcome is POSTed (Standard Webhooks)"},
+            "no_cache": {"type": "boolean", "default": False,
+                         "description": "Neither answered from nor stored in the result cache (as Cache-Control: "
+                                        "no-cache)"}}},
         "Job": {"type": "object", "required": ["job_id", "status"], "properties": {
             "job_id": {"type": "string", "format": "uuid"}, "status": {"type": "string", "enum": STATUSES},
             "state": {"type": "string"}, "created_at": string_or_null, "started_at": string_or_null,
@@ -123,6 +129,8 @@ def document(settings, prefix: str = "", version: str = "") -> dict:
                 "filename": {"type": "string"}, "subfolder": {"type": "string"}, "type": {"type": "string"},
                 "content_type": {"type": "string"}, "url": {"type": "string"}}}},
             "error": {"type": ["object", "null"]},
+            "cached": {"type": "boolean", "description": "Answered from the result cache, without ComfyUI: "
+                                                         "its outputs are the proxy's own copies"},
             "urls": {"type": "object", "additionalProperties": {"type": "string"}}}},
     }
     return {"openapi": "3.1.0",

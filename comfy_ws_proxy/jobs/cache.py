@@ -251,7 +251,7 @@ class BlobStore:
     def __init__(self, root: str | None):
         self._temporary = None
         if not root:
-            self._temporary = tempfile.TemporaryDirectory(prefix="comfy-ws-proxy-cache-")
+            self._temporary = tempfile.TemporaryDirectory(prefix="comfy-ws-proxy-cache-", ignore_cleanup_errors=True)
             root = self._temporary.name
         self.root = root
 
@@ -516,10 +516,22 @@ class ResultCache:
                 self.flights[plan.key] = Flight(job.job_id)
                 self._release(job)
 
+    async def idle(self) -> None:
+        """Return once nothing is being copied into (or dropped from) the cache."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
     def stop(self) -> None:
         self._timer.stop()
-        for task in self._tasks:
+
+    async def close(self, grace: float) -> None:
+        """Let the copies in progress finish (within ``grace`` seconds), then drop the rest."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=grace)
+        for task in list(self._tasks):
             task.cancel()
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
         self.blobs.close()
 
     # --- planning: is this request cacheable, and what is its key? --------------------------------
@@ -703,6 +715,9 @@ class ResultCache:
 
     async def _copy_outputs(self, job: Job, plan: CachePlan, copied: list[str]) -> CacheEntry | None:
         fingerprint = self.fingerprint_of(job.backend)
+        if fingerprint is None and self.learn is not None:  # (not learned yet since a restart)
+            await self.learn()
+            fingerprint = self.fingerprint_of(job.backend)
         backend = self.pool.get(job.backend)
         if fingerprint is None or backend is None:
             return None
