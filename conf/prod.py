@@ -25,3 +25,8 @@ isolate_users = True
 file_inputs = []              # custom loaders' file inputs, e.g. ["MyLoader.path"]
 shared_cache_nodes = []       # e.g. ["CheckpointLoaderSimple", "VAELoader"]: faster, but a user can
                               # tell that someone just loaded the same model
+# The result cache (docs/cache.rst): off by default; per user when on. Size CACHE_DIR's disk first.
+result_cache = False
+cache_shared = False          # True: one cache for everyone (a user can learn what another generated)
+cache_max_bytes = 1073741824  # output files the entries hold (1 GiB)
+cache_ttl_s = 86400
