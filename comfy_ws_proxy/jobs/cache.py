@@ -598,15 +598,13 @@ class ResultCache:
 
     def admit(self, job: Job, plan: CachePlan) -> str:
         """Decide a new job's way (nothing awaited in between, so identical requests arriving
-        together see each other): "hit" (its outputs filled in, finished), "follow" (waiting
+        together see each other): "hit" (its outputs filled in, to be finished at once), "follow" (waiting
         for the identical job in flight) or "lead" (it runs)."""
         job.payload = {**(job.payload or {}), "cache": plan.as_payload()}
         entry = self.entry_for(plan)
-        if entry is not None:
+        if entry is not None:  # recorded waiting, then finished at once (tracker.move: webhooks, waiters)
             self._fill(job, entry, plan)
-            job.state = JobState.SUCCESS
-            job.finished_at = job.updated_at = self.wall()
-            job.payload = None
+            job.state = JobState.WAITING
             self._used(entry)
             self.metrics.cache_requests.labels("hit").inc()
             return "hit"

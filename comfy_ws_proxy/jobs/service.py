@@ -158,7 +158,9 @@ class JobService:
             job.answer = answer_for(job)
         if way == "hit":
             self.tracker.add(job)
-            self.tracker.announce_cached(job, accepted_data(job, queued=False, cached=True))
+            self.tracker.notify(job, "prompt_accepted", accepted_data(job, queued=False, cached=True))
+            self.tracker.move(job, JobState.SUCCESS)
+            self.tracker.announce_cached(job)
             return job
         if way == "follow":
             self.tracker.add(job)

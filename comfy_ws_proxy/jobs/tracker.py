@@ -433,12 +433,10 @@ class JobTracker:
         self._end_with(job, final_kind, replayed(final_kind, final_data), final_data)
         self._publish_frame(job, job.owner, "executing", replayed("executing", {"node": None, "prompt_id": job_id}))
 
-    def announce_cached(self, job: Job, accepted: dict | None = None) -> None:
+    def announce_cached(self, job: Job) -> None:
         """A job answered from the result cache (jobs/cache.py), finished already: its owner
-        hears it as if it ran: ``accepted`` first (a new job's prompt_accepted), then each
-        output, the final event and the end marker, each marked ``cached``."""
-        if accepted is not None:
-            self.notify(job, "prompt_accepted", accepted)
+        hears it as if it ran: each output, the final event and the end marker, each marked
+        ``cached``."""
         job_id = job.job_id
         for node_id, output in job.outputs.items():
             self._deliver(job, "executed", cached_frame("executed", {
