@@ -96,7 +96,8 @@ def mutations(prompt: dict) -> list[dict]:
         changed.append(c)
         for name, value in node["inputs"].items():
             c = copy.deepcopy(prompt)
-            if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and value[0] in prompt:
+            if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and value[0] in prompt \
+                    and isinstance(value[1], int) and not isinstance(value[1], bool):
                 c[node_id]["inputs"][name] = [value[0], value[1] + 1]
             else:
                 c[node_id]["inputs"][name] = {"not": value}  # (never equal to the value)
