@@ -47,6 +47,7 @@ from .backends.scheduler import Scheduler
 from .config import ConfigError
 from .gateway.connection import ClientConnection, ClientPinger
 from .gateway.session import SessionRegistry
+from .jobs.cache import BlobStore, ResultCache, SystemStatsFingerprint
 from .jobs.isolation import UserIsolation
 from .jobs.queue import JobQueue
 from .jobs.reconcile import Reconciler
@@ -130,9 +131,6 @@ class ProxyState:
         if self.webhooks.enabled:
             self.tracker.webhook_message = self.webhooks.message
             self.tracker.outbox_listeners.append(self.webhooks.tick)
-        self.service = JobService(self.tracker, self.queue, self.reconciler, self.pool, self.links, self.metrics,
-                                  settings, clock, self.isolation, self.webhooks if self.webhooks.enabled else None,
-                                  self.templates)
         self.downloads = DownloadSlots(settings.max_downloads_per_user)
         upload_dir = settings.upload_dir or (settings.store_path + ".uploads" if settings.store_path != ":memory:"
                                              else "")
@@ -141,6 +139,10 @@ class ProxyState:
         self.uploads = UploadStore(upload_dir, folder_of)
         if self.templates is not None:
             self.templates.upload_reference = self.uploads.reference
+        self.cache = self._result_cache(settings, clock) if settings.result_cache else None
+        self.service = JobService(self.tracker, self.queue, self.reconciler, self.pool, self.links, self.metrics,
+                                  settings, clock, self.isolation, self.webhooks if self.webhooks.enabled else None,
+                                  self.templates, cache=self.cache)
         self.queue.uploads = self.uploads
         self.idempotency_in_flight: set[tuple[str, str]] = set()  # (owner, key) being accepted now
         self.job_events: list = []  # the event logs of the routes mounted (JobEvents)
@@ -193,6 +195,20 @@ class ProxyState:
                                      model_exists=self._model_exists)
         templates.load()
         return templates
+
+    def _result_cache(self, settings, clock) -> ResultCache:
+        """RESULT_CACHE. The environment fingerprints come through two callables: today one
+        backend's /system_stats (SystemStatsFingerprint); the backends' capabilities later."""
+        environment = SystemStatsFingerprint(self.pool.default, clock)
+        cache_dir = settings.cache_dir or (settings.store_path + ".cache" if settings.store_path != ":memory:"
+                                           else "")
+        cache = ResultCache(self.tracker, self.pool, BlobStore(cache_dir), self.metrics, settings,
+                            fingerprints=environment.fingerprints, fingerprint_of=environment.fingerprint_of,
+                            learn=environment.learn,
+                            folder_of=self.isolation.folder if self.isolation is not None else None,
+                            upload_exists=self.uploads.exists)
+        cache.kick = self.queue.kick
+        return cache
 
     def _client_id(self, owner: str, backend: str) -> str:
         """The pair's durable client id; while the store fails, one for this process only (a
@@ -255,6 +271,8 @@ class ProxyState:
         self.service.stop()
         if self.templates is not None:
             self.templates.stop()
+        if self.cache is not None:
+            await self.cache.close(grace)
         await self.webhooks.stop()
         for events in self.job_events:
             events.close()
@@ -313,10 +331,11 @@ def routes(state: ProxyState, prefix: str = "") -> list:
         (prefix + r"/jobs?/([0-9a-f-]{36})/(?:image|outputs)/([^/]{1,64})/([0-9]{1,6})", JobImageHandler,
          {**state.user_kwargs(), "service": state.service, "pool": state.pool, "isolation": state.isolation,
           "downloads": state.downloads, "stall_timeout": state.settings.download_stall_timeout_s,
-          "retention": state.settings.finished_prompt_retention_s}),
+          "retention": state.settings.finished_prompt_retention_s, "cache": state.cache}),
         (prefix + r"/outputs/([0-9a-f-]{36})(?:/(view))?", OutputsHandler,
          {**state.user_kwargs(), "service": state.service, "pool": state.pool, "isolation": state.isolation,
-          "downloads": state.downloads, "stall_timeout": state.settings.download_stall_timeout_s}),
+          "downloads": state.downloads, "stall_timeout": state.settings.download_stall_timeout_s,
+          "cache": state.cache}),
         (prefix + r"/static/comfy-ws-proxy-client\.js", ClientScriptHandler),
     ] + ([
         (prefix + r"/demo", DemoHandler, kw),

@@ -241,6 +241,28 @@ OPTIONS: tuple[Option, ...] = (
          "Most templates served (the first by file name; the others are reported as broken).", minimum=1),
     _opt("templates_max_file_bytes", "int", 1 * MIB,
          "Largest template file read (a larger one is reported as broken).", minimum=1024),
+    # --- the result cache (jobs/cache.py, docs/cache.rst) ------------------------------------
+    _opt("result_cache", "bool", False,
+         "Answer a prompt identical to one that succeeded from the proxy's copy of its outputs, without "
+         "ComfyUI; identical prompts in flight share one execution (docs/cache.rst)."),
+    _opt("cache_shared", "bool", False,
+         "One result cache for every user (off: per user). Lets a user learn what another generated."),
+    _opt("cache_dir", "str", "",
+         "Where the cached output files are kept (empty: STORE_PATH + '.cache'; with ':memory:', a "
+         "temporary folder)."),
+    _opt("cache_max_entries", "int", 10000, "Results the cache keeps (least recently used go first).",
+         minimum=1),
+    _opt("cache_max_bytes", "int", 1024 * MIB, "Bytes of output files the cache's entries may hold.",
+         minimum=1),
+    _opt("cache_max_entry_bytes", "int", 256 * MIB,
+         "A result whose files are larger than this is not cached.", minimum=1),
+    _opt("cache_max_input_bytes", "int", 64 * MIB,
+         "An input file only the backend has is hashed (fetched through /view) up to this size; a larger "
+         "one makes the prompt uncacheable.", minimum=1),
+    _opt("cache_ttl_s", "int", 86400, "How long a cached result answers.", minimum=1),
+    _opt("cache_uncacheable_nodes", "list", [],
+         "More node classes whose outputs are not a pure function of their inputs (never cached; "
+         "ComfyUI's own are known)."),
     _opt("max_downloads_per_user", "int", 4,
          "/outputs downloads one user may have in progress at once (too_many_downloads).", minimum=1),
     _opt("download_stall_timeout_s", "float", 30.0,

@@ -110,6 +110,17 @@ class Metrics:
         self.loop_lag = Histogram(f"{NS}_event_loop_lag_seconds", "IOLoop scheduling lag",
                                   buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5),
                                   registry=r)
+        # the result cache: requests by result (hit, miss, shared: waited for an identical one,
+        # bypass: not cacheable or opted out), its size, what it stored, what it dropped
+        self.cache_requests = Counter(f"{NS}_cache_requests_total", "Result cache lookups by result", ["result"],
+                                      registry=r)
+        self.cache_entries = Gauge(f"{NS}_cache_entries", "Results in the result cache", registry=r)
+        self.cache_bytes = Gauge(f"{NS}_cache_bytes", "Bytes of output files the result cache's entries hold",
+                                 registry=r)
+        self.cache_stored_bytes = Counter(f"{NS}_cache_stored_bytes_total", "Bytes copied into the result cache",
+                                          registry=r)
+        self.cache_evictions = Counter(f"{NS}_cache_evictions_total", "Result cache entries dropped", ["reason"],
+                                       registry=r)
         self.uptime = Gauge(f"{NS}_uptime_seconds", "Seconds since start", registry=r)
         self.uptime.set_function(lambda: time.monotonic() - self.started)
         # Create the bounded label values up front so dashboards see zeros, not gaps.
@@ -126,6 +137,10 @@ class Metrics:
             self.tcp_dropped.labels(reason)
         for error in ACCEPT_ERRORS:
             self.accept_errors.labels(error)
+        for result in ("hit", "miss", "shared", "bypass"):
+            self.cache_requests.labels(result)
+        for reason in ("expired", "bounds"):
+            self.cache_evictions.labels(reason)
 
     def relayed(self, direction: str, kind_class: str, size: int) -> None:
         messages, relayed_bytes = self._relay[direction, kind_class]

@@ -24,8 +24,9 @@ class JobState:
     CANCELLED = "cancelled"    # removed before it ran
     REJECTED = "rejected"      # ComfyUI refused it (HTTP 4xx)
     LOST = "lost"              # ComfyUI lost it after it may have run unheard (RESUBMIT_UNKNOWN=false)
+    WAITING = "waiting"        # an identical job runs now: waits for its result (the result cache)
 
-    UNFINISHED = frozenset({QUEUED, SUBMITTING, PENDING, RUNNING})
+    UNFINISHED = frozenset({QUEUED, SUBMITTING, PENDING, RUNNING, WAITING})
     IN_COMFY = frozenset({PENDING, RUNNING})
 
 
@@ -63,6 +64,7 @@ class Job:
     # still hold it, so it is deleted or interrupted there when that backend returns, and
     # nothing that backend says about it is delivered.
     fenced: tuple[str, ...] = ()
+    cached: bool = False      # answered from the result cache (its files are the proxy's copies)
 
     # --- this process only (never stored) ---
     gap: bool = field(default=False, compare=False)  # events may have been missed (restart, link drop)
@@ -104,6 +106,7 @@ class SubmitRequest:
     template: str | None = None  # a template's name instead of a prompt (rendered by the service)
     params: dict | None = None  # the template's parameters (once rendered: every one, resolved)
     labels: tuple[str, ...] = ()  # backends it may run on must have every one of these
+    no_cache: bool = False  # neither answered from nor stored in the result cache
 
     def payload(self) -> dict:
         payload = {"prompt": self.prompt, "extra_data": self.extra_data,
@@ -136,11 +139,25 @@ class WebhookMessage:
     body: str  # the exact bytes signed and sent
 
 
+@dataclass
+class CacheEntry:
+    """One result in the result cache (jobs/cache.py): the outputs of a prompt that succeeded,
+    per node hash, each file named by the content hash of the proxy's own copy."""
+    key: str        # the entry key: the prompt's canonical hash with its scope and environment
+    scope: str      # "u:<user>" or "shared"
+    outputs: dict   # node hash -> ComfyUI's UI output, files as {filename, subfolder, type, sha256, size, ...}
+    bytes: int      # the files' total size
+    created_at: float  # wall clock
+    expires_at: float
+    used_at: float
+
+
 # Our states as the public statuses (the jobs API, webhooks): the seed's five, plus timed_out.
 API_STATUS = {JobState.QUEUED: "pending", JobState.SUBMITTING: "pending", JobState.PENDING: "pending",
               JobState.RUNNING: "processing", JobState.SUCCESS: "completed", JobState.ERROR: "failed",
               JobState.REJECTED: "failed", JobState.LOST: "failed", JobState.INTERRUPTED: "cancelled",
-              JobState.CANCELLED: "cancelled", JobState.TIMED_OUT: "timed_out"}
+              JobState.CANCELLED: "cancelled", JobState.TIMED_OUT: "timed_out",
+              JobState.WAITING: "pending"}
 
 
 class ErrorCode:

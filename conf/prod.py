@@ -27,3 +27,8 @@ shared_cache_nodes = []       # e.g. ["CheckpointLoaderSimple", "VAELoader"]: fa
                               # tell that someone just loaded the same model
 # Workflow templates (docs/templates.rst): users send {template, params} instead of a graph.
 templates_dir = ""            # e.g. "/etc/comfy-ws-proxy/templates" (a copy of conf/templates to start)
+# The result cache (docs/cache.rst): off by default; per user when on. Size CACHE_DIR's disk first.
+result_cache = False
+cache_shared = False          # True: one cache for everyone (a user can learn what another generated)
+cache_max_bytes = 1073741824  # output files the entries hold (1 GiB)
+cache_ttl_s = 86400

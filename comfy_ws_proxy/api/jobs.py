@@ -8,6 +8,7 @@ retried POST safe (draft-ietf-httpapi-idempotency-key-header).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import mimetypes
@@ -15,6 +16,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ..backends.backend import ComfyUnavailable
+from ..jobs.cache import cached_files
 from ..jobs.isolation import UserIsolation
 from ..jobs.service import JobService
 from ..jobs.submission import parse_submit
@@ -92,7 +94,7 @@ class JobViews:
             "expires_at": iso(job.finished_at + self.retention) if job.finished_at is not None else None,
             "queue_position": self.service.queue_position(job),
             "progress": self._progress(job, prompt), "outputs": self._outputs(job), "error": self._error(job),
-            "urls": self.urls(job), "template": job.template,
+            "urls": self.urls(job), "template": job.template, "cached": job.cached,
             **({"backend": job.backend or None} if self.show_backend else {}),
         }
 
@@ -281,7 +283,17 @@ class GenerateHandler(ApiHandler):
         templated = isinstance(body.get("template"), str)  # ({template, params}; a node is an object)
         data: dict[str, Any] = body if templated or isinstance(inner, dict) and "class_type" not in inner \
             else {"prompt": body}
-        return parse_submit(data, self.options.max_prompt_nodes, self.options.node_allowlist)
+        request = parse_submit(data, self.options.max_prompt_nodes, self.options.node_allowlist)
+        if self._no_cache_asked():
+            request = dataclasses.replace(request, no_cache=True)
+        return request
+
+    def _no_cache_asked(self) -> bool:
+        """``Cache-Control: no-cache`` (or ``no-store``): neither answered from nor stored in the
+        result cache (RFC 9111's request directives)."""
+        directives = {part.split("=")[0].strip().lower()
+                      for value in self.request.headers.get_list("Cache-Control") for part in value.split(",")}
+        return bool(directives & {"no-cache", "no-store"})
 
     def _key(self):
         """The Idempotency-Key (a structured-field string, quotes optional), None without one,
@@ -359,8 +371,9 @@ class JobImageHandler(FileDownload):
     from the backend that made it (ETag, Range and 304 as ComfyUI answers them)."""
 
     def initialize(self, service: JobService, pool, isolation: UserIsolation | None, retention: float = 0,
-                   **kwargs):
+                   cache=None, **kwargs):
         super().initialize(**kwargs)
+        self.cache = cache
         self.retention = retention
         self.service = service
         self.pool = pool
@@ -373,6 +386,12 @@ class JobImageHandler(FileDownload):
             if self.service.expired(self.identity.user_id, job_id):
                 return self.write_json(expired_body(job_id, self.retention), 410)
             return self.write_json_error(404, "not_found", "No such job")
+        if job.cached:  # its files are the proxy's own copies (jobs/cache.py)
+            mine = [f for f in cached_files(job) if f["node"] == node_id]
+            if int(index) >= len(mine) or self.cache is None:
+                return self.write_json_error(404, "not_found", "No such output")
+            file = mine[int(index)]
+            return await self.serve_copy(self.cache.blobs, file)
         try:
             backend, files = await job_files(job, self.pool, self.isolation)
         except ComfyUnavailable:  # nothing known without ComfyUI

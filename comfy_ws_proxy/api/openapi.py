@@ -66,7 +66,10 @@ def document(settings, prefix: str = "", version: str = "", templates=None) -> d
                           "same key and body replay the recorded answer (Idempotency-Replayed: true); another body "
                           f"is 422; one still being accepted is 409. Keys expire after "
                           f"{settings.idempotency_key_ttl_s} s."}
-    submit = {"tags": ["jobs"], "summary": "Submit a job", "parameters": [key, prefer],
+    no_cache = {"name": "Cache-Control", "in": "header", "required": False, "schema": {"type": "string"},
+                "description": "no-cache (or no-store): run the prompt even if the result cache has its result, "
+                               "and do not store this one (RESULT_CACHE; docs/cache.rst)."}
+    submit = {"tags": ["jobs"], "summary": "Submit a job", "parameters": [key, prefer, no_cache],
               "requestBody": {"required": True, "content": {"application/json": {"schema": {
                   "oneOf": [{"$ref": "#/components/schemas/Submission"},
                             {"$ref": "#/components/schemas/Workflow"},
@@ -151,7 +154,10 @@ def document(settings, prefix: str = "", version: str = "", templates=None) -> d
             "partial_execution_targets": {"type": "array", "items": {"type": "string"}},
             "timeout_s": {"type": "number", "exclusiveMinimum": 0},
             "webhook_url": {"type": "string", "format": "uri",
-                            "description": "Where the outcome is POSTed (Standard Webhooks)"}}},
+                            "description": "Where the outcome is POSTed (Standard Webhooks)"},
+            "no_cache": {"type": "boolean", "default": False,
+                         "description": "Neither answered from nor stored in the result cache (as Cache-Control: "
+                                        "no-cache)"}}},
         "Job": {"type": "object", "required": ["job_id", "status"], "properties": {
             "job_id": {"type": "string", "format": "uuid"}, "status": {"type": "string", "enum": STATUSES},
             "state": {"type": "string"}, "created_at": string_or_null, "started_at": string_or_null,
@@ -168,6 +174,8 @@ def document(settings, prefix: str = "", version: str = "", templates=None) -> d
                 "content_type": {"type": "string"}, "url": {"type": "string"}}}},
             "error": {"type": ["object", "null"]},
             "urls": {"type": "object", "additionalProperties": {"type": "string"}},
+            "cached": {"type": "boolean", "description": "Answered from the result cache, without ComfyUI: "
+                                                         "its outputs are the proxy's own copies"},
             "template": {"type": ["object", "null"], "description": "The template it was made from: {name, "
                          "params}, every parameter resolved (a random seed as drawn)"}}},
         **_template_schemas(templates),

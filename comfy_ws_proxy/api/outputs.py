@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 from tornado.iostream import StreamClosedError
 
 from ..backends.backend import ComfyRejected, ComfyUnavailable
 from ..backends.pool import BackendPool
+from ..jobs.cache import cached_files
 from ..jobs.isolation import UserIsolation
 from ..jobs.service import JobService
 from ..model import RequestError
@@ -145,6 +147,99 @@ class FileDownload(UserHandler):
         self.finish()
 
 
+    async def serve_copy(self, blobs, file: dict) -> None:
+        """One of a cached job's files (jobs/cache.py), from the proxy's own copy, with the
+        headers a download from ComfyUI has: Content-Type, ETag (the content hash), 304, one
+        byte range (206, 416); read off the IOLoop one chunk at a time."""
+        owner = self.identity.user_id
+        if not self.downloads.take(owner):
+            self.set_header("Retry-After", "1")
+            return self.write_json_error(429, "too_many_downloads",
+                                         f"At most {self.downloads.per_user} downloads at once per user")
+        try:
+            await self._send_copy(blobs, file)
+        finally:
+            self.downloads.give_back(owner)
+
+    async def _send_copy(self, blobs, file: dict) -> None:
+        sha = file.get("sha256") or ""
+        try:
+            handle = await blobs.run(open, blobs.path(sha), "rb")
+        except OSError:
+            return self.write_json_error(404, "not_found", "Output not available")
+        try:
+            size = os.fstat(handle.fileno()).st_size
+            etag = f'"{sha[:32]}"'
+            name = "".join(c for c in file["filename"] if c.isprintable() and c not in '"\\')
+            self.set_header("Content-Type", file.get("content_type") or "application/octet-stream")
+            self.set_header("X-Content-Type-Options", "nosniff")
+            self.set_header("Content-Disposition", f'filename="{name}"')
+            self.set_header("ETag", etag)
+            self.set_header("Accept-Ranges", "bytes")
+            asked = self.request.headers.get("If-None-Match")
+            if asked is not None and (asked.strip() == "*" or etag in (t.strip() for t in asked.split(","))):
+                self.set_status(304)
+                return self.finish()
+            first, last = 0, size - 1
+            wanted = byte_range(self.request.headers.get("Range"), size)
+            if_range = self.request.headers.get("If-Range")
+            if wanted is not None and (if_range is None or if_range.strip() == etag):
+                if wanted == "unsatisfiable":
+                    self.set_status(416)
+                    self.set_header("Content-Range", f"bytes */{size}")
+                    return self.finish()
+                first, last = wanted
+                self.set_status(206)
+                self.set_header("Content-Range", f"bytes {first}-{last}/{size}")
+            self.set_header("Content-Length", str(last - first + 1))
+            await blobs.run(handle.seek, first)
+            left = last - first + 1
+            while left > 0:
+                chunk = await blobs.run(handle.read, min(COPY_CHUNK, left))
+                if not chunk:
+                    break
+                left -= len(chunk)
+                self.write(chunk)
+                try:
+                    await asyncio.wait_for(self.flush(), self.stall_timeout)
+                except (StreamClosedError, asyncio.TimeoutError):
+                    left = -1
+                    break
+            if left != 0:
+                self.request.connection.close()  # a body cut short must not look complete
+                return
+            self.finish()
+        finally:
+            handle.close()
+
+
+COPY_CHUNK = 64 * 1024
+
+
+def byte_range(header: str | None, size: int):
+    """One ``bytes=first-last`` / ``bytes=first-`` / ``bytes=-suffix`` range of a file of
+    ``size`` bytes: (first, last), "unsatisfiable", or None (no range, or one not understood:
+    the whole file, as RFC 9110 allows)."""
+    if not header or not header.startswith("bytes=") or "," in header:
+        return None
+    first, sep, last = header[6:].strip().partition("-")
+    if not sep:
+        return None
+    try:
+        if not first:
+            suffix = int(last)
+            if suffix <= 0:
+                return "unsatisfiable"
+            return max(0, size - suffix), size - 1
+        start = int(first)
+        end = min(int(last), size - 1) if last else size - 1
+    except ValueError:
+        return None
+    if start >= size or end < start:
+        return "unsatisfiable"
+    return start, end
+
+
 class OutputsHandler(FileDownload):
     """GET /outputs/{prompt_id}: the caller's own job's output files;
     GET /outputs/{prompt_id}/view?filename=&subfolder=&type=: one of those files, streamed
@@ -157,8 +252,9 @@ class OutputsHandler(FileDownload):
     """
 
     def initialize(self, verifier, metrics, service: JobService, pool: BackendPool,
-                   isolation: UserIsolation | None, downloads: DownloadSlots, stall_timeout: float):
+                   isolation: UserIsolation | None, downloads: DownloadSlots, stall_timeout: float, cache=None):
         super().initialize(verifier, metrics, downloads, stall_timeout)
+        self.cache = cache
         self.service = service
         self.pool = pool
         self.isolation = isolation
@@ -169,6 +265,8 @@ class OutputsHandler(FileDownload):
         except RequestError:
             self.write_json_error(404, "not_found", "No such prompt")
             return None, None
+        if job.cached:  # the proxy's own copies (jobs/cache.py)
+            return None, cached_files(job)
         try:
             backend, files = await job_files(job, self.pool, self.isolation)
         except ComfyUnavailable:
@@ -181,9 +279,13 @@ class OutputsHandler(FileDownload):
         if files is None:
             return
         if not view:
-            return self.write_json({"prompt_id": prompt_id, "files": files})
+            return self.write_json({"prompt_id": prompt_id, "files": [
+                {k: f[k] for k in ("node", "kind", "filename", "subfolder", "type")} for f in files]})
         wanted = (self.get_query_argument("filename", ""), self.get_query_argument("subfolder", ""),
                   self.get_query_argument("type", "output"))
+        copy = next((f for f in files if "sha256" in f and (f["filename"], f["subfolder"], f["type"]) == wanted), None)
+        if copy is not None and self.cache is not None:
+            return await self.serve_copy(self.cache.blobs, copy)
         if backend is None or wanted not in {(f["filename"], f["subfolder"], f["type"]) for f in files}:
             return self.write_json_error(404, "not_found", "No such output")
         await self.download(backend, *wanted)

@@ -29,7 +29,7 @@ from ..model import (
 )
 from ..store import StoreError
 from .isolation import UserIsolation
-from .queue import JobQueue
+from .queue import JobQueue, accepted_data
 from .reconcile import Reconciler, locate
 from .submission import check_prompt
 from .templates import TemplateRegistry
@@ -69,9 +69,10 @@ class JobService:
     def __init__(self, tracker: JobTracker, queue: JobQueue, reconciler: Reconciler, pool: BackendPool,
                  links: LinkManager, metrics: Metrics, settings, clock: Callable[[], float],
                  isolation: UserIsolation | None = None, webhooks: WebhookSender | None = None,
-                 templates: TemplateRegistry | None = None):
+                 templates: TemplateRegistry | None = None, cache=None):
         self.tracker = tracker
         self.templates = templates
+        self.cache = cache  # a ResultCache (RESULT_CACHE), or None
         self.isolation = isolation
         self.webhooks = webhooks
         self.queue = queue
@@ -98,10 +99,14 @@ class JobService:
 
     def start(self) -> None:
         self._cleanup_timer.start()
+        if self.cache is not None:
+            self.cache.start()  # (before the reconciler: leaders found finished must find their followers)
         self.reconciler.start()
 
     def stop(self) -> None:
         self._cleanup_timer.stop()
+        if self.cache is not None:
+            self.cache.stop()
         for task in self._withdrawals:
             task.cancel()
         self.reconciler.stop()
@@ -139,20 +144,36 @@ class JobService:
         if self.tracker.waiting_count(owner) >= self.settings.max_queued_prompts_per_user:
             self.metrics.prompts.labels("queue_full").inc()
             raise RequestError(ErrorCode.QUEUE_FULL, prompt_id=job_id)
+        submitted = request
         if self.isolation is not None:
             try:
                 request = dataclasses.replace(request, prompt=self.isolation.confine(owner, request.prompt))
             except RequestError as e:
                 e.prompt_id = job_id
                 raise
+        # The cache key is of what the user submitted (before the confinement), in its scope.
+        plan = await self.cache.plan(owner, submitted, request.prompt) if self.cache is not None else None
+        if plan is not None and self.tracker.id_taken(job_id):  # (taken while the files were hashed)
+            raise RequestError(ErrorCode.INVALID_MESSAGE, "prompt_id is already in use", prompt_id=job_id)
         job = Job(job_id, owner, JobState.QUEUED, request.payload(), created_at=self.tracker.wall(),
                   updated_at=self.tracker.wall(), timeout_s=self._time_limit(request), webhook_url=webhook_url)
         job.last_heard = now
         job.nodes_total = len(request.prompt)
         if request.template is not None:
             job.template = {"name": request.template, "params": request.params}
+        way = self.cache.admit(job, plan) if plan is not None else "lead"
         if answer_for is not None:
             job.answer = answer_for(job)
+        if way == "hit":
+            self.tracker.add(job)
+            self.tracker.notify(job, "prompt_accepted", accepted_data(job, queued=False, cached=True))
+            self.tracker.move(job, JobState.SUCCESS)
+            self.tracker.announce_cached(job)
+            return job
+        if way == "follow":
+            self.tracker.add(job)
+            self.tracker.notify(job, "prompt_accepted", accepted_data(job, queued=True))
+            return job
         await self.queue.submit(job)
         return job
 
@@ -260,7 +281,7 @@ class JobService:
         job = self.get(owner, job_id)
         if job.finished:
             raise RequestError(ErrorCode.INVALID_MESSAGE, f"Prompt already {job.state}", prompt_id=job_id)
-        if job.state == JobState.QUEUED and not job.outcome_unknown:
+        if (job.state == JobState.QUEUED and not job.outcome_unknown) or job.state == JobState.WAITING:
             self._cancelled(job)
             return
         backend = self.pool.get(job.backend)

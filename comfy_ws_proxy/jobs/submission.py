@@ -61,10 +61,13 @@ def parse_submit(data: dict, max_prompt_nodes: int, node_allowlist: tuple[str, .
     if labels is not None and (not isinstance(labels, list) or len(labels) > MAX_LABELS
                                or not all(isinstance(x, str) and 0 < len(x) <= 64 for x in labels)):
         raise RequestError(ErrorCode.INVALID_MESSAGE, f"labels must be a list of at most {MAX_LABELS} backend labels")
+    no_cache = data.get("no_cache", False)
+    if not isinstance(no_cache, bool):
+        raise RequestError(ErrorCode.INVALID_MESSAGE, "no_cache must be true or false")
     return SubmitRequest(prompt, prompt_id, extra_data, targets, front,
                          float(timeout_s) if timeout_s is not None else None, webhook_url,
                          template if template is not None else None, params if template is not None else None,
-                         tuple(labels or ()))
+                         tuple(labels or ()), no_cache)
 
 
 def check_prompt(prompt, max_prompt_nodes: int, node_allowlist: tuple[str, ...]) -> None:

@@ -45,6 +45,11 @@ def replayed(kind: str, data: dict) -> str:
     return json.dumps({"type": kind, "data": data, "replayed": True}, separators=(",", ":"))
 
 
+def cached_frame(kind: str, data: dict) -> str:
+    """A ComfyUI-shaped message of a job answered from the result cache."""
+    return json.dumps({"type": kind, "data": data, "cached": True}, separators=(",", ":"))
+
+
 class JobTracker:
     def __init__(self, store: JobStore, metrics: Metrics, clock: Callable[[], float],
                  wall: Callable[[], float] = time.time, share_comfy_status: bool = False):
@@ -151,9 +156,10 @@ class JobTracker:
         return list(self.placed.get(backend, {}).values())
 
     def waiting_count(self, owner: str) -> int:
-        """The owner's jobs held by the proxy: queued, or taken from the queue for a POST."""
+        """The owner's jobs held by the proxy: queued, taken from the queue for a POST, or waiting
+        for an identical one's result (the result cache)."""
         return sum(1 for j in self.by_owner.get(owner, {}).values()
-                   if j.state in (JobState.QUEUED, JobState.SUBMITTING))
+                   if j.state in (JobState.QUEUED, JobState.SUBMITTING, JobState.WAITING))
 
     # --- writes ---------------------------------------------------------------------------------
     def add(self, job: Job) -> None:
@@ -449,6 +455,19 @@ class JobTracker:
         job.final_seen = True  # the live tail (if any) would repeat what is replayed now
         self._end_with(job, final_kind, replayed(final_kind, final_data), final_data)
         self._publish_frame(job, job.owner, "executing", replayed("executing", {"node": None, "prompt_id": job_id}))
+
+    def announce_cached(self, job: Job) -> None:
+        """A job answered from the result cache (jobs/cache.py), finished already: its owner
+        hears it as if it ran: each output, the final event and the end marker, each marked
+        ``cached``."""
+        job_id = job.job_id
+        for node_id, output in job.outputs.items():
+            self._deliver(job, "executed", cached_frame("executed", {
+                "node": node_id, "display_node": node_id, "output": output, "prompt_id": job_id}))
+        self._deliver(job, "execution_success", cached_frame("execution_success", {
+            "prompt_id": job_id, "timestamp": int(self.wall() * 1000), "cached": True}))
+        self._publish_frame(job, job.owner, "executing", cached_frame("executing", {"node": None, "prompt_id": job_id}))
+        log.info("prompt answered from the cache user=%s prompt=%s", job.owner, job_id)
 
     def owed(self, owner: str) -> list[Job]:
         """The owner's finished jobs whose outcome no live socket took yet, oldest first."""

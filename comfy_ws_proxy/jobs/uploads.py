@@ -83,6 +83,10 @@ class UploadStore:
         found = await asyncio.get_running_loop().run_in_executor(None, os.path.isfile, path)
         return f"{folder}/{name}" if found else None
 
+    def exists(self, folder: str, name: str) -> bool:
+        """Is this upload kept here? (blocking: call it off the IOLoop)"""
+        return bool(folder) and os.path.isfile(os.path.join(self.root, folder, name))
+
     def _read(self, folder: str, name: str) -> bytes | None:
         try:
             with open(os.path.join(self.root, folder, name), "rb") as f:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Iterable, Protocol
 
-from ..model import IdempotentAnswer, Job, WebhookMessage
+from ..model import CacheEntry, IdempotentAnswer, Job, WebhookMessage
 
 
 class StoreError(Exception):
@@ -65,6 +65,18 @@ class JobStore(Protocol):
 
     def endpoint_disabled(self, url: str) -> bool:
         ...
+
+    def cache_entries(self) -> list[CacheEntry]:
+        """The result cache's entries, least recently used first (read once, at start-up)."""
+
+    def cache_put(self, entry: CacheEntry) -> None:
+        """Record (or replace) an entry."""
+
+    def cache_used(self, key: str, used_at: float) -> None:
+        """An entry answered a request at ``used_at`` (its place in the eviction order)."""
+
+    def cache_delete(self, keys: Iterable[str]) -> None:
+        """Forget these entries (expired or evicted)."""
 
     def secret(self, name: str) -> bytes:
         """A random secret of this deployment, minted once and kept: the same after any

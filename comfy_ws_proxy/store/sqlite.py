@@ -15,7 +15,7 @@ import sqlite3
 import uuid
 from typing import Iterable
 
-from ..model import Job, WebhookMessage
+from ..model import CacheEntry, Job, WebhookMessage
 from .base import IdempotentAnswer, StoreError
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,15 @@ CREATE TABLE IF NOT EXISTS secrets (
     name TEXT PRIMARY KEY,
     value BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS cache_entries (
+    key TEXT PRIMARY KEY,
+    scope TEXT NOT NULL,
+    outputs TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    used_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS client_ids (
     user_id TEXT NOT NULL,
     backend TEXT NOT NULL,
@@ -81,11 +90,12 @@ CREATE TABLE IF NOT EXISTS client_ids (
 # outcomes were tracked count as told: their owners were sent them then.
 _ADDED = (("started_at", "REAL"), ("finished_at", "REAL"), ("timeout_s", "REAL NOT NULL DEFAULT 0"),
           ("outputs", "TEXT"), ("result", "TEXT"), ("told", "INTEGER NOT NULL DEFAULT 1"),
-          ("webhook_url", "TEXT NOT NULL DEFAULT ''"), ("template", "TEXT"), ("fenced", "TEXT NOT NULL DEFAULT ''"))
+          ("webhook_url", "TEXT NOT NULL DEFAULT ''"), ("template", "TEXT"), ("fenced", "TEXT NOT NULL DEFAULT ''"),
+          ("cached", "INTEGER NOT NULL DEFAULT 0"))
 
 _COLUMNS = ("prompt_id", "user_id", "state", "payload", "created_at", "updated_at", "ord", "number",
             "attempts", "outcome_unknown", "backend", "started_at", "finished_at", "timeout_s", "outputs",
-            "result", "told", "webhook_url", "template", "fenced")
+            "result", "told", "webhook_url", "template", "fenced", "cached")
 _INSERT = (f"INSERT OR REPLACE INTO prompts ({', '.join(_COLUMNS)}) "
            f"VALUES ({', '.join('?' * len(_COLUMNS))})")
 
@@ -174,13 +184,13 @@ class SqliteJobStore:
         jobs = []
         for row in self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM prompts ORDER BY ord"):
             (job_id, owner, state, payload, created, updated, order, number, attempts, unknown, backend,
-             started, finished, timeout_s, outputs, result, told, webhook_url, template, fenced) = row
+             started, finished, timeout_s, outputs, result, told, webhook_url, template, fenced, cached) = row
             jobs.append(Job(job_id, owner, state, json.loads(payload) if payload else None, created, updated,
                             order, number, attempts, bool(unknown), backend or "", started, finished,
                             timeout_s or 0.0, json.loads(outputs) if outputs else {},
                             json.loads(result) if result else None, bool(told), webhook_url or "",
                             template=json.loads(template) if template else None,
-                            fenced=tuple(name for name in (fenced or "").split(",") if name)))
+                            fenced=tuple(name for name in (fenced or "").split(",") if name), cached=bool(cached)))
         return jobs
 
     def insert(self, job: Job, answer: "IdempotentAnswer | None" = None) -> None:
@@ -224,7 +234,7 @@ class SqliteJobStore:
         row = (j.job_id, j.owner, j.state, _json(j.payload), j.created_at, j.updated_at, j.order, j.number,
                j.attempts, int(j.outcome_unknown), j.backend, j.started_at, j.finished_at, j.timeout_s,
                _json(j.outputs or None), _json(j.result), int(j.told), j.webhook_url, _json(j.template),
-               ",".join(j.fenced))
+               ",".join(j.fenced), int(j.cached))
         try:
             if j.outbox is None:
                 self.db.execute(_INSERT, row)
@@ -301,6 +311,37 @@ class SqliteJobStore:
         try:
             return self.db.execute("SELECT 1 FROM forgotten_ids WHERE prompt_id = ?",
                                    (job_id,)).fetchone() is not None
+        except sqlite3.Error as e:
+            raise StoreError(str(e)) from None
+
+    # --- the result cache's index (jobs/cache.py) -------------------------------------------------
+    def cache_entries(self) -> list[CacheEntry]:
+        try:
+            rows = self.db.execute("SELECT key, scope, outputs, bytes, created_at, expires_at, used_at "
+                                   "FROM cache_entries ORDER BY used_at").fetchall()
+        except sqlite3.Error as e:
+            raise StoreError(str(e)) from None
+        return [CacheEntry(k, scope, json.loads(outputs), size, created, expires, used)
+                for k, scope, outputs, size, created, expires, used in rows]
+
+    def cache_put(self, entry: CacheEntry) -> None:
+        try:
+            self.db.execute("INSERT OR REPLACE INTO cache_entries (key, scope, outputs, bytes, created_at, "
+                            "expires_at, used_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            (entry.key, entry.scope, _json(entry.outputs), entry.bytes, entry.created_at,
+                             entry.expires_at, entry.used_at))
+        except sqlite3.Error as e:
+            raise StoreError(str(e)) from None
+
+    def cache_used(self, key: str, used_at: float) -> None:
+        try:
+            self.db.execute("UPDATE cache_entries SET used_at = ? WHERE key = ?", (used_at, key))
+        except sqlite3.Error as e:
+            raise StoreError(str(e)) from None
+
+    def cache_delete(self, keys: Iterable[str]) -> None:
+        try:
+            self.db.executemany("DELETE FROM cache_entries WHERE key = ?", [(k,) for k in keys])
         except sqlite3.Error as e:
             raise StoreError(str(e)) from None
 
