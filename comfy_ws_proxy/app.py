@@ -47,7 +47,7 @@ from .backends.scheduler import Scheduler
 from .config import ConfigError
 from .gateway.connection import ClientConnection, ClientPinger
 from .gateway.session import SessionRegistry
-from .jobs.cache import BlobStore, ResultCache, SystemStatsFingerprint
+from .jobs.cache import BlobStore, ResultCache
 from .jobs.isolation import UserIsolation
 from .jobs.queue import JobQueue
 from .jobs.reconcile import Reconciler
@@ -197,14 +197,23 @@ class ProxyState:
         return templates
 
     def _result_cache(self, settings, clock) -> ResultCache:
-        """RESULT_CACHE. The environment fingerprints come through two callables: today one
-        backend's /system_stats (SystemStatsFingerprint); the backends' capabilities later."""
-        environment = SystemStatsFingerprint(self.pool.default, clock)
+        """RESULT_CACHE. A result is kept under the environment of the backend that made it, and
+        looked up under those of the backends known now (their capabilities' fingerprints)."""
+        pool = self.pool
+
+        def fingerprints() -> list[str]:
+            return sorted({b.capabilities.fingerprint for b in pool if b.capabilities is not None})
+
+        def fingerprint_of(name: str) -> str | None:
+            backend = pool.get(name)
+            return backend.capabilities.fingerprint if backend is not None and backend.capabilities else None
+
+        async def learn() -> None:
+            await asyncio.gather(*(b.learn_capabilities(b.request_timeout) for b in pool))
         cache_dir = settings.cache_dir or (settings.store_path + ".cache" if settings.store_path != ":memory:"
                                            else "")
         cache = ResultCache(self.tracker, self.pool, BlobStore(cache_dir), self.metrics, settings,
-                            fingerprints=environment.fingerprints, fingerprint_of=environment.fingerprint_of,
-                            learn=environment.learn,
+                            fingerprints=fingerprints, fingerprint_of=fingerprint_of, learn=learn,
                             folder_of=self.isolation.folder if self.isolation is not None else None,
                             upload_exists=self.uploads.exists)
         cache.kick = self.queue.kick

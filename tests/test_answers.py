@@ -113,6 +113,7 @@ async def test_job_notices_that_answer_a_request_carry_its_ref_to_that_connectio
         seen = await other.next("prompt_accepted", lambda m: m["data"]["prompt_id"] == running)
         assert "ref" not in seen and seen["seq"] == accepted["seq"]  # the same message, without the ref
         await hold.reached
+        await alice.next("execution_start", lambda m: m["data"]["prompt_id"] == running)  # (the proxy knows)
         # one of alice's jobs in ComfyUI already: the next waits in the proxy
         alice.send_raw(frame("submit_prompt", {"prompt": workflow("success")}, 2))
         queued = await answer_to(alice, 2)

@@ -117,6 +117,7 @@ class Backend:
         self._refreshing = False
         self._refresh_again = False
         self._refreshed_at: float | None = None
+        self._refresh_done = asyncio.Event()  # set whenever a refresh ends (learned or not)
         self._refresh_timer = PeriodicCallback(self.refresh_capabilities, capabilities_refresh_s * 1000)
         self.base_url = base_url.rstrip("/")
         parts = urlsplit(self.base_url)
@@ -173,8 +174,20 @@ class Backend:
         self._refreshing = True
         asyncio.ensure_future(self._refresh()).add_done_callback(self._refreshed)
 
+    async def learn_capabilities(self, timeout: float) -> Capabilities | None:
+        """The capabilities, read now if they are not known yet (waiting at most ``timeout``)."""
+        if self.capabilities is None:
+            self._refresh_done.clear()
+            self.refresh_capabilities()
+            try:
+                await asyncio.wait_for(self._refresh_done.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+        return self.capabilities
+
     def _refreshed(self, future: asyncio.Future) -> None:
         self._refreshing = False
+        self._refresh_done.set()
         if not future.cancelled() and future.exception() is not None:
             log.error("reading ComfyUI %s's capabilities failed", self.name, exc_info=future.exception())
         if self._refresh_again:

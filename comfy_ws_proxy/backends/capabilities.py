@@ -52,11 +52,16 @@ class Capabilities:
         return 0
 
     def _fingerprint(self) -> str:
-        """The environment's identity: ComfyUI's and torch's versions, the node classes, the
-        model file names. (Two backends with the same fingerprint give the same output for the
-        same prompt, as far as ComfyUI lets us tell: it publishes no file hashes.)"""
+        """The environment's identity: ComfyUI's, Python's and torch's versions, the devices (two
+        GPU models may differ in the last bits), the node classes, the model file names. Two
+        backends with the same fingerprint give the same output for the same prompt, as far as
+        ComfyUI lets us tell: it publishes no hashes of model files (a file replaced under the
+        same name is not seen; the result cache's CACHE_TTL_S bounds that)."""
         system = self.system.get("system") if isinstance(self.system.get("system"), dict) else {}
-        basis = {"comfyui": system.get("comfyui_version"), "torch": system.get("pytorch_version"),
+        devices = self.system.get("devices") if isinstance(self.system.get("devices"), list) else []
+        basis = {"comfyui": system.get("comfyui_version"), "python": system.get("python_version"),
+                 "torch": system.get("pytorch_version"),
+                 "devices": sorted(str(d.get("name")) for d in devices if isinstance(d, dict)),
                  "classes": sorted(self.classes), "models": {k: sorted(v) for k, v in sorted(self.models.items())}}
         return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()[:32]
 

@@ -394,50 +394,6 @@ def _view_location(located: str) -> tuple[str, str, str]:
     return kind, subfolder, filename
 
 
-class SystemStatsFingerprint:
-    """A stand-in for the backends' capabilities: one backend's environment from its
-    /system_stats (ComfyUI's, Python's and PyTorch's versions, the devices), learned on the
-    first need and again every ``max_age`` seconds. None until learned (then: no caching)."""
-
-    def __init__(self, backend, clock: Callable[[], float], max_age: float = 60.0):
-        self.backend = backend
-        self.clock = clock
-        self.max_age = max_age
-        self.value: str | None = None
-        self._learned_at: float | None = None
-        self._learning: asyncio.Future | None = None
-
-    def fingerprints(self) -> list[str]:
-        if self._learned_at is not None and self.clock() - self._learned_at > self.max_age:
-            self.learn_soon()
-        return [self.value] if self.value else []
-
-    def fingerprint_of(self, name: str) -> str | None:
-        return self.value if name == self.backend.name else None
-
-    def learn_soon(self) -> asyncio.Future:
-        if self._learning is None or self._learning.done():
-            self._learning = asyncio.ensure_future(self._learn())
-        return self._learning
-
-    async def learn(self) -> None:
-        await asyncio.shield(self.learn_soon())
-
-    async def _learn(self) -> None:
-        try:
-            _, stats = await self.backend.call("GET", "/system_stats", timeout=self.backend.probe_timeout,
-                                               count_failures=False, observe=False)
-        except (ComfyUnavailable, ComfyRejected):
-            return
-        system = (stats or {}).get("system") or {} if isinstance(stats, dict) else {}
-        if not isinstance(system, dict) or not system.get("comfyui_version"):
-            return
-        devices = [d.get("name") for d in stats.get("devices") or [] if isinstance(d, dict)]
-        self.value = _sha(_canonical(["system_stats", system.get("comfyui_version"), system.get("python_version"),
-                                      system.get("pytorch_version"), devices]))
-        self._learned_at = self.clock()
-
-
 @dataclass
 class Flight:
     """Identical requests in flight: one runs (the leader), the others wait for its result."""
