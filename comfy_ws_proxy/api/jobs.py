@@ -274,9 +274,6 @@ class GenerateHandler(ApiHandler):
             raise RequestError(ErrorCode.INVALID_MESSAGE,
                                "Body must be a workflow in API format or {\"prompt\": {...}, ...}")
         self._body = body
-        if isinstance(body.get("nodes"), list) and "links" in body:
-            raise RequestError(ErrorCode.INVALID_PROMPT, "This is a UI-format workflow (saved with Save); "
-                               "export it with 'Export (API)' and send that")
         inner = body.get("prompt")
         data: dict[str, Any] = body if isinstance(inner, dict) and "class_type" not in inner else {"prompt": body}
         return parse_submit(data, self.options.max_prompt_nodes, self.options.node_allowlist)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from ..model import ErrorCode, RequestError, SubmitRequest, is_canonical_uuid
+from .validate import UI_WORKFLOW_MESSAGE, is_ui_workflow
 
 MAX_TIMEOUT_S = 7 * 24 * 3600  # a job's own time limit: a week at most
 MAX_URL = 2048
@@ -15,6 +16,8 @@ def parse_submit(data: dict, max_prompt_nodes: int, node_allowlist: tuple[str, .
     prompt = data.get("prompt")
     if not isinstance(prompt, dict) or not prompt:
         raise RequestError(ErrorCode.INVALID_MESSAGE, "submit_prompt needs a non-empty object 'prompt'")
+    if is_ui_workflow(prompt):  # before the per-node checks, which would say "Node 'last_node_id' ..."
+        raise RequestError(ErrorCode.INVALID_PROMPT, UI_WORKFLOW_MESSAGE, details={"hint": "ui_workflow"})
     if len(prompt) > max_prompt_nodes:
         raise RequestError(ErrorCode.INVALID_PROMPT,
                             f"Prompt has {len(prompt)} nodes; the limit is {max_prompt_nodes}",
