@@ -113,7 +113,8 @@ class ProxyState:
         self.pool = BackendPool([backend], queue_depth=settings.backend_queue_depth)
         self.store = open_store(settings.store_path)
         # the domain
-        self.tracker = JobTracker(self.store, self.metrics, clock, wall, settings.share_comfy_status)
+        self.tracker = JobTracker(self.store, self.metrics, clock, wall, settings.share_comfy_status,
+                                  settings.strip_comfy_errors)
         self._spare_client_ids: dict[tuple[str, str], str] = {}
         self.links = LinkManager(settings, self._client_id, self.tracker, self.metrics)
         self.queue = JobQueue(self.tracker, self.pool, self.links, self.metrics, clock,

@@ -132,9 +132,9 @@ def check_prompt(prompt: dict, object_info: dict, partial_targets: list[str] | N
         try:
             valid, reasons, _ = run.validate(output)
         except Exception as ex:  # noqa: BLE001 - ComfyUI reports it in the answer
-            valid, reasons = False, [{"type": "exception_during_validation", "message": "Exception when validating node",
-                                      "details": str(ex), "extra_info": {"exception_type": _type_name(ex),
-                                                                         "traceback": []}}]
+            valid, reasons = False, [{"type": "exception_during_validation",
+                                      "message": "Exception when validating node", "details": str(ex),
+                                      "extra_info": {"exception_type": _type_name(ex), "traceback": []}}]
             run.validated[output] = (False, reasons, output)
         if valid is True:
             good.append(output)
@@ -307,7 +307,8 @@ class _Run:
                 o_class_type = prompt[o_id]["class_type"]
                 received_type = self.returns(o_class_type)[val[1]]
                 if "input_types" not in custom and not types_match(received_type, input_type):
-                    errors.append({"type": "return_type_mismatch", "message": "Return type mismatch between linked nodes",
+                    errors.append({"type": "return_type_mismatch",
+                                   "message": "Return type mismatch between linked nodes",
                                    "details": f"{x}, received_type({received_type}) mismatch input_type({input_type})",
                                    "extra_info": {"input_name": x, "input_config": info,
                                                   "received_type": received_type, "linked_node": val}})
