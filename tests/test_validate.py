@@ -335,3 +335,18 @@ async def test_a_ui_workflow_gets_the_export_hint_by_websocket_and_http():
         assert not [r for r in h.sim.requests if r[1].endswith("/prompt")]  # ComfyUI never saw them
         prompt_id, final = await alice.run(workflow("success"))  # the connection is still good
         assert final == "execution_success"
+
+
+async def test_a_node_without_object_inputs_never_reaches_comfyui():
+    # A real 0.3.64 accepts this prompt (node 3 is not needed by the output, so not validated),
+    # then its prompt worker dies on KeyError: 'inputs' building node 3's cache key.
+    prompt = {**workflow("success"), "90": {"class_type": "EmptyImage"}}
+    async with ProxyHarness() as h:
+        alice = await h.connect("alice")
+        for bad in (prompt, {**workflow("success"), "90": {"class_type": "EmptyImage", "inputs": []}}):
+            refused = await alice.submit(bad)
+            assert refused["type"] == "error" and refused["data"]["code"] == "invalid_prompt", refused
+            assert refused["data"]["details"] == {"node_id": "90"} and "'inputs'" in refused["data"]["message"]
+            answer = await call(h, "POST", "/generate", body=bad)
+            assert answer.code == 422 and parsed(answer)["error"]["details"] == {"node_id": "90"}
+        assert not [r for r in h.sim.requests if r[1].endswith("/prompt")]

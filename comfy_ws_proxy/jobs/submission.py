@@ -31,6 +31,11 @@ def parse_submit(data: dict, max_prompt_nodes: int, node_allowlist: tuple[str, .
                 raise RequestError(ErrorCode.INVALID_PROMPT,
                                     f"Node type {str(class_type)[:64]!r} is not allowed here",
                                     details={"node_id": node_id[:64]})
+        # ComfyUI 0.3.64 validates only the nodes its outputs need, then builds every node's
+        # cache key: a node without an object 'inputs' passes, and kills its prompt worker.
+        if not isinstance(node.get("inputs"), dict):
+            raise RequestError(ErrorCode.INVALID_PROMPT, f"Node {node_id[:64]!r} needs an object 'inputs'",
+                               details={"node_id": node_id[:64]})
     prompt_id = data.get("prompt_id")
     if prompt_id is not None and not is_canonical_uuid(prompt_id):
         raise RequestError(ErrorCode.INVALID_MESSAGE, "prompt_id must be a lowercase hyphenated UUID")
