@@ -113,7 +113,8 @@ class ProxyState:
         self.templates = self._templates(settings)  # (before the store: a bad directory stops the start)
         self.store = open_store(settings.store_path)
         # the domain
-        self.tracker = JobTracker(self.store, self.metrics, clock, wall, settings.share_comfy_status)
+        self.tracker = JobTracker(self.store, self.metrics, clock, wall, settings.share_comfy_status,
+                                  settings.strip_comfy_errors)
         for backend in self.pool:
             self.metrics.backend_jobs.labels(backend.name).set_function(
                 lambda name=backend.name: self.tracker.placed_count(name))

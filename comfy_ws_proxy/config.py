@@ -186,6 +186,9 @@ OPTIONS: tuple[Option, ...] = (
     _opt("share_comfy_status", "bool", False,
          "Forward ComfyUI's status broadcasts (its whole queue's length: every user's activity) instead "
          "of telling each user the count of their own unfinished jobs."),
+    _opt("strip_comfy_errors", "bool", False,
+         "Keep ComfyUI's tracebacks, server paths and tensor dumps out of what clients see of a failed or "
+         "refused prompt (message, exception type and node kept; the full text is logged). On in conf/prod.py."),
     _opt("isolate_users", "bool", True,
          "Keep users' files and ComfyUI cache entries apart: outputs saved in a per-user folder, file "
          "inputs limited to the user's own files, the cache scoped per user (docs: the node policy)."),

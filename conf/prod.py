@@ -19,6 +19,7 @@ first_request_timeout_s = 10.0  # a connection that sends no request header is c
 cleanup_interval_ms = 300000
 ws_ping_interval_s = 25.0     # below nginx proxy_read_timeout (60s in conf/nginx.conf)
 log_json = True
+strip_comfy_errors = True     # no tracebacks, server paths or tensor dumps to clients (the log has them)
 # Users' files (docs/deployment.rst, "Users' files"): per-user output folders, loaders limited to the
 # user's own files, ComfyUI's cache per user. Safe without a NODE_ALLOWLIST.
 isolate_users = True

@@ -276,9 +276,6 @@ class GenerateHandler(ApiHandler):
             raise RequestError(ErrorCode.INVALID_MESSAGE,
                                "Body must be a workflow in API format or {\"prompt\": {...}, ...}")
         self._body = body
-        if isinstance(body.get("nodes"), list) and "links" in body:
-            raise RequestError(ErrorCode.INVALID_PROMPT, "This is a UI-format workflow (saved with Save); "
-                               "export it with 'Export (API)' and send that")
         inner = body.get("prompt")
         templated = isinstance(body.get("template"), str)  # ({template, params}; a node is an object)
         data: dict[str, Any] = body if templated or isinstance(inner, dict) and "class_type" not in inner \

@@ -4,6 +4,7 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from ..model import ErrorCode, RequestError, SubmitRequest, is_canonical_uuid
+from .validate import UI_WORKFLOW_MESSAGE, is_ui_workflow
 
 MAX_TIMEOUT_S = 7 * 24 * 3600  # a job's own time limit: a week at most
 MAX_URL = 2048
@@ -74,6 +75,8 @@ def check_prompt(prompt, max_prompt_nodes: int, node_allowlist: tuple[str, ...])
     """A prompt's size and node types (a client's own, or a template's once rendered)."""
     if not isinstance(prompt, dict) or not prompt:
         raise RequestError(ErrorCode.INVALID_MESSAGE, "submit_prompt needs a non-empty object 'prompt'")
+    if is_ui_workflow(prompt):  # before the per-node checks, which would say "Node 'last_node_id' ..."
+        raise RequestError(ErrorCode.INVALID_PROMPT, UI_WORKFLOW_MESSAGE, details={"hint": "ui_workflow"})
     if len(prompt) > max_prompt_nodes:
         raise RequestError(ErrorCode.INVALID_PROMPT,
                             f"Prompt has {len(prompt)} nodes; the limit is {max_prompt_nodes}",
@@ -87,3 +90,8 @@ def check_prompt(prompt, max_prompt_nodes: int, node_allowlist: tuple[str, ...])
                 raise RequestError(ErrorCode.INVALID_PROMPT,
                                     f"Node type {str(class_type)[:64]!r} is not allowed here",
                                     details={"node_id": node_id[:64]})
+        # ComfyUI 0.3.64 validates only the nodes its outputs need, then builds every node's
+        # cache key: a node without an object 'inputs' passes, and kills its prompt worker.
+        if not isinstance(node.get("inputs"), dict):
+            raise RequestError(ErrorCode.INVALID_PROMPT, f"Node {node_id[:64]!r} needs an object 'inputs'",
+                               details={"node_id": node_id[:64]})

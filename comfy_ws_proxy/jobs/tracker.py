@@ -24,9 +24,11 @@ from ..backends.routing import Routed
 from ..metrics import Metrics
 from ..model import FINAL_EVENT_OF, FINAL_EVENTS, ErrorCode, Job, JobState, RequestError
 from ..store import JobStore, StoreError
+from .public_errors import public_execution_error, public_rejection
 
 log = logging.getLogger(__name__)
 
+MAX_LOGGED_ERROR = 64 * 1024  # characters of a ComfyUI error kept in one log line
 PLACED = frozenset({JobState.SUBMITTING, JobState.PENDING, JobState.RUNNING})
 UNFINISHED = JobState.UNFINISHED
 
@@ -52,8 +54,12 @@ def cached_frame(kind: str, data: dict) -> str:
 
 class JobTracker:
     def __init__(self, store: JobStore, metrics: Metrics, clock: Callable[[], float],
-                 wall: Callable[[], float] = time.time, share_comfy_status: bool = False):
+                 wall: Callable[[], float] = time.time, share_comfy_status: bool = False,
+                 strip_comfy_errors: bool = False):
         self.store = store
+        # ComfyUI's tracebacks, server paths and tensor dumps stay in our log, out of every
+        # client's sight, stored result included (STRIP_COMFY_ERRORS).
+        self.strip_comfy_errors = strip_comfy_errors
         # ComfyUI's status broadcasts tell its whole queue's length, so everyone's activity:
         # unless the operator shares them, a user is told the count of their own jobs instead,
         # when it changes (SHARE_COMFY_STATUS).
@@ -361,6 +367,8 @@ class JobTracker:
                         listener(job)
                 return
             if not job.final_seen:  # the tail of a finished job (executing null) goes on as it came
+                if kind == "execution_error" and self.strip_comfy_errors:
+                    frame = self._public_error(job, routed.data)[0]
                 self._deliver(job, kind, frame)
             return
         if job.final_seen:
@@ -416,9 +424,11 @@ class JobTracker:
         return state
 
     # --- outcomes -------------------------------------------------------------------------------
-    def _end_with(self, job: Job, kind: str, frame, data: dict) -> None:
+    def _end_with(self, job: Job, kind: str, frame, data: dict, replay: bool = False) -> None:
         """ComfyUI's final event ``kind`` (its frame, live or replayed) ends the job: the owner
         hears it (after prompt_timed_out, if the time limit did it), then the state is kept."""
+        if kind == "execution_error" and self.strip_comfy_errors:
+            frame, data = self._public_error(job, data, replay)
         state = self.final_state(job, FINAL_EVENTS[kind])
         if state == JobState.TIMED_OUT:
             self.notify(job, "prompt_timed_out", {"prompt_id": job.job_id, "timeout_s": job.timeout_s})
@@ -427,8 +437,22 @@ class JobTracker:
         self.metrics.prompts.labels(state).inc()
         log.info("prompt finished user=%s prompt=%s outcome=%s", job.owner, job.job_id, state)
 
+    def _public_error(self, job: Job, data: dict, replay: bool = False) -> tuple[str, dict]:
+        """An execution_error as clients may see it (its frame, its data); the full text to the log."""
+        log.warning("prompt failed in ComfyUI user=%s prompt=%s: %s", job.owner, job.job_id,
+                    json.dumps(data, separators=(",", ":"))[:MAX_LOGGED_ERROR])
+        data = public_execution_error(data)
+        kind = "execution_error"
+        frame = replayed(kind, data) if replay else json.dumps({"type": kind, "data": data}, separators=(",", ":"))
+        return frame, data
+
     def end_without_running(self, job: Job, state: str, kind: str, data: dict) -> None:
         """Cancelled or rejected: the owner hears it from us, not from ComfyUI."""
+        if self.strip_comfy_errors and ("error" in data or "node_errors" in data):
+            log.warning("prompt refused by ComfyUI user=%s prompt=%s: %s", job.owner, job.job_id,
+                        json.dumps({k: data.get(k) for k in ("error", "node_errors")},
+                                   separators=(",", ":"))[:MAX_LOGGED_ERROR])
+            data = public_rejection(data)
         self.notify(job, kind, data, self._told_callback(job))
         self.move(job, state, outcome_unknown=False, result=data)
         self.metrics.prompts.labels(state).inc()
@@ -453,7 +477,7 @@ class JobTracker:
             final_kind = "execution_success" if status.get("status_str") == "success" else "execution_error"
             final_data = {"prompt_id": job_id}
         job.final_seen = True  # the live tail (if any) would repeat what is replayed now
-        self._end_with(job, final_kind, replayed(final_kind, final_data), final_data)
+        self._end_with(job, final_kind, replayed(final_kind, final_data), final_data, replay=True)
         self._publish_frame(job, job.owner, "executing", replayed("executing", {"node": None, "prompt_id": job_id}))
 
     def announce_cached(self, job: Job) -> None:

@@ -637,6 +637,8 @@ def _validate_inputs(prompt: dict, node_id: str, validated: dict, exists: Callab
                         "input_name": name, "input_config": input_config, "exception_message": str(ex),
                         "exception_type": type(ex).__name__, "traceback": [], "linked_node": value}}], value[0])
             continue
+        if isinstance(value, dict) and "__value__" in value:  # a list widget's value, wrapped
+            value = inputs[name] = value["__value__"]
         converters = {"INT": int, "FLOAT": float, "STRING": str, "BOOLEAN": bool}
         if isinstance(input_type, str) and input_type in converters:
             try:
@@ -700,9 +702,6 @@ def validate_prompt(prompt: Any, partial_targets: Any, exists: Callable[[str], b
         if node_class is None:
             raise PromptError("invalid_prompt", f"Cannot execute because node {node['class_type']} does not exist.",
                               f"Node ID '#{node_id}'")
-        if not isinstance(node.get("inputs", {}), dict):
-            raise TypeError(f"inputs of node {node_id} are not an object")
-        node.setdefault("inputs", {})
         if node_class.output_node and (partial_targets is None or node_id in partial_targets):
             outputs.append(node_id)
     if not outputs:
