@@ -50,6 +50,7 @@ from .gateway.session import SessionRegistry
 from .jobs.cache import BlobStore, ResultCache
 from .jobs.isolation import UserIsolation
 from .jobs.queue import JobQueue
+from .jobs.validate import validate_prompt
 from .jobs.reconcile import Reconciler
 from .jobs.service import JobService
 from .jobs.templates import TemplateRegistry
@@ -109,7 +110,8 @@ class ProxyState:
         self._own_http = http_client is None
         backends = [self._backend(spec) for spec in backend_specs(settings)]
         self.pool = BackendPool(backends, queue_depth=settings.backend_queue_depth,
-                                scheduler=Scheduler(clock, settings.affinity_max_wait_s))
+                                scheduler=Scheduler(clock, settings.affinity_max_wait_s),
+                                validator=validate_prompt if settings.validate_prompts else None)
         self.templates = self._templates(settings)  # (before the store: a bad directory stops the start)
         self.store = open_store(settings.store_path)
         # the domain

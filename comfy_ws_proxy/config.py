@@ -105,6 +105,11 @@ OPTIONS: tuple[Option, ...] = (
          "when the old backend returns, the job is deleted from its queue or interrupted there before "
          "anything of it is delivered. Sooner, when the backend is reachable and does not hold it.",
          minimum=0.1),
+    _opt("validate_prompts", "bool", True,
+         "Validate every prompt against each backend's /object_info before sending it (ComfyUI 0.3.64's own "
+         "checks: node classes, inputs, types, ranges, lists such as model files): a job goes only to a "
+         "backend it validates on, and one that validates nowhere is refused at once with ComfyUI's "
+         "node_errors. Off: ComfyUI's own answer (several backends then place by labels only)."),
     _opt("affinity_max_wait_s", "float", 10.0,
          "How long a job may wait for a busy backend that would finish it sooner (its checkpoint already "
          "loaded, or faster) while another capable backend is free; then it goes to the free one.",

@@ -81,9 +81,13 @@ async def test_a_job_no_backend_can_run_is_refused_at_once_in_comfyuis_shape(io_
             data = reply["data"]
             assert data["code"] == "invalid_prompt" and data["prompt_id"] and what in data["message"]
             assert set(data["error"]) == {"type", "message", "details", "extra_info"}
-            assert isinstance(data["node_errors"], dict) and data["node_errors"]
-            for entry in data["node_errors"].values():
-                assert {"errors", "dependent_outputs", "class_type"} <= set(entry)
+            assert set(data["backends"]) == {"a", "b"}  # what each one lacks
+            if what == "NoSuchNode":  # ComfyUI's own answer: a top-level invalid_prompt
+                assert data["error"]["type"] == "invalid_prompt" and data["node_errors"] == {}
+            else:  # a value not in the list of files: per node, in ComfyUI's shape
+                entry = data["node_errors"]["4"]
+                assert entry["class_type"] == "CheckpointLoaderSimple"
+                assert entry["errors"][0]["type"] == "value_not_in_list" and entry["dependent_outputs"]
             assert h.state.tracker.get(data["prompt_id"]).state == "rejected"
         for sim in h.sims.values():
             assert not any(method == "POST" and path == "/prompt" for method, path in sim.requests)

@@ -9,7 +9,7 @@ that are up, the scheduler picks (scheduler.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 from .backend import Backend
 from .capabilities import models_named, shape_of
@@ -32,8 +32,22 @@ def needs_of(job) -> JobNeeds:
     return job.needs
 
 
+# (prompt, object_info, partial_execution_targets) -> ComfyUI's 400 body, or None if it would
+# accept it: the jobs layer's validator (jobs/validate.py), given to the pool.
+Validator = Callable[[dict, dict, Optional[list]], Optional[dict]]
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why one backend cannot run a job: a line for people, and ComfyUI's 400 body when its
+    validation says so (None when the backend lacks a label the job asks for)."""
+    reason: str
+    body: dict | None = None
+
+
 class BackendPool:
-    def __init__(self, backends: list[Backend], *, queue_depth: int = 0, scheduler: Scheduler | None = None):
+    def __init__(self, backends: list[Backend], *, queue_depth: int = 0, scheduler: Scheduler | None = None,
+                 validator: Validator | None = None):
         if not backends:
             raise ValueError("at least one backend")
         self.backends = {b.name: b for b in backends}
@@ -42,42 +56,43 @@ class BackendPool:
         # queue). 0: automatic, 1 with several backends (late binding), no limit with one.
         self.queue_depth = queue_depth or (1 if len(backends) > 1 else 0)
         self.scheduler = scheduler or Scheduler(backends[0].clock)
-        # With one backend there is no choice to make: ComfyUI's own answer (its 400 and
-        # node_errors) tells what it cannot run.
-        self.filtering = len(backends) > 1
+        self.validator = validator
 
     # --- what can run where -------------------------------------------------------------------
-    def reasons(self, job, backend: Backend) -> list[str] | None:
-        """Why ``backend`` cannot run ``job`` ([] if it can; None: its capabilities are not known
-        yet). Remembered per job until that backend's capabilities change."""
-        if not self.filtering:
-            return []
+    def refusal(self, job, backend: Backend) -> Refusal | None:
+        """Why ``backend`` cannot run ``job`` (None if it can, or if its capabilities are not
+        known yet: it may). Remembered per job until that backend's capabilities change."""
         needs = needs_of(job)
         missing_labels = sorted(needs.labels - backend.labels)
         if missing_labels:
-            return [f"backend has no label {label!r}" for label in missing_labels]
+            return Refusal(f"no label {', '.join(map(repr, missing_labels))}")
         caps = backend.capabilities
-        if caps is None:
+        if caps is None or self.validator is None:
             return None
         known = job.fits.get(backend.name)
         if known is not None and known[0] == caps.fingerprint:
             return known[1]
-        prompt = (job.payload or {}).get("prompt")
-        reasons = caps.missing(prompt) if isinstance(prompt, dict) else []
-        job.fits[backend.name] = (caps.fingerprint, reasons)
-        return reasons
+        payload = job.payload or {}
+        prompt = payload.get("prompt")
+        body = self.validator(prompt, caps.object_info, payload.get("partial_execution_targets")) \
+            if isinstance(prompt, dict) else None
+        refusal = Refusal(one_line(body), body) if body is not None else None
+        if refusal is not None and _lists_in(body):
+            # A value not in a list may be a model file added since the list was read: look
+            # again (at most every REFRESH_MIN_S), so that trying again soon works.
+            backend.upstream_registered()
+        job.fits[backend.name] = (caps.fingerprint, refusal)
+        return refusal
 
-    def runnable(self, job) -> tuple[bool, dict[str, list[str]]]:
+    def runnable(self, job) -> tuple[bool, dict[str, Refusal]]:
         """(may some backend run it, now or once it is known; why each known one cannot)."""
-        why: dict[str, list[str]] = {}
-        possible = False
+        why: dict[str, Refusal] = {}
         for backend in self:
-            reasons = self.reasons(job, backend)
-            if reasons:
-                why[backend.name] = reasons
-            else:
-                possible = True  # it can, or it is not known yet (it may)
-        return possible, why
+            refusal = self.refusal(job, backend)
+            if refusal is None:
+                return True, {}
+            why[backend.name] = refusal
+        return False, why
 
     # --- placement ----------------------------------------------------------------------------
     def has_room(self, backend: Backend, placed: Callable[[str], int]) -> bool:
@@ -92,7 +107,7 @@ class BackendPool:
         our jobs that backend holds. ``commit=False``: only asking (nothing is recorded)."""
         candidates = []
         for backend in self:
-            if not backend.available or self.reasons(job, backend):  # (None: not known yet, try it)
+            if not backend.available or self.refusal(job, backend) is not None:  # (not known yet: try it)
                 continue
             jobs = held(backend.name)
             for other in jobs:
@@ -129,3 +144,22 @@ class BackendPool:
     def stop(self) -> None:
         for b in self:
             b.stop()
+
+
+def one_line(body: dict) -> str:
+    """ComfyUI's 400 body in a line: its message, and the first node error's details."""
+    error = body.get("error") if isinstance(body.get("error"), dict) else {}
+    line = str(error.get("message") or "refused")
+    for node_id, entry in (body.get("node_errors") or {}).items():
+        first = (entry.get("errors") or [{}])[0] if isinstance(entry, dict) else {}
+        line += f": node {node_id} ({entry.get('class_type')}): {first.get('details') or first.get('message')}"
+        break
+    else:
+        if error.get("details"):
+            line += f": {error['details']}"
+    return line[:300]
+
+
+def _lists_in(body: dict) -> bool:
+    return any(e.get("type") == "value_not_in_list" for entry in (body.get("node_errors") or {}).values()
+               if isinstance(entry, dict) for e in entry.get("errors") or [] if isinstance(e, dict))

@@ -16,7 +16,7 @@ from typing import Callable
 from ..backends.backend import Backend, ComfyFailed, ComfyRejected, ComfyUnavailable
 from ..backends.link import ComfyLink
 from ..backends.links import LinkManager
-from ..backends.pool import BackendPool
+from ..backends.pool import BackendPool, Refusal
 from ..metrics import Metrics
 from ..model import ErrorCode, Job, JobState
 from .tracker import JobTracker
@@ -104,25 +104,23 @@ def accepted_data(job: Job, *, queued: bool, node_errors: dict | None = None, **
     return data
 
 
-def no_backend_data(job: Job, why: dict[str, list[str]]) -> dict:
-    """A job no backend can run, told like ComfyUI's own 400: a message naming what is missing
-    where, and node_errors per node (ComfyUI's shape: errors, dependent_outputs, class_type)."""
-    first = next(iter(why.values()), ["no backend can run it"])
-    detail = "; ".join(f"{name}: {', '.join(reasons)}" for name, reasons in why.items())
-    node_errors: dict = {}
-    prompt = (job.payload or {}).get("prompt") or {}
-    for reasons in why.values():
-        for reason in reasons:
-            node_id = reason.split(" ", 2)[1].rstrip(":") if reason.startswith("node ") else None
-            node = prompt.get(node_id) if node_id else None
-            if isinstance(node, dict) and node_id not in node_errors:
-                node_errors[node_id] = {"errors": [{"type": "no_backend", "message": "No backend can run this node",
-                                                    "details": reason, "extra_info": {}}],
-                                        "dependent_outputs": [], "class_type": node.get("class_type")}
-    error = {"type": "no_backend", "message": "No backend can run this prompt", "details": detail[:2000],
-             "extra_info": {}}
-    return {"code": ErrorCode.INVALID_PROMPT, "message": f"No backend can run this prompt ({first[0]})",
-            "prompt_id": job.job_id, "status": 400, "error": error, "node_errors": node_errors}
+def no_backend_data(job: Job, why: dict[str, Refusal]) -> dict:
+    """A job no backend can run, told as ComfyUI tells a refusal: its 400 body (``error`` and
+    ``node_errors``) from the first backend whose validation refused it; with several
+    backends the message names what each one lacks (and ``backends`` too)."""
+    body = next((r.body for r in why.values() if r.body is not None), None)
+    if body is not None:
+        data = rejection_data(job, ComfyRejected(400, body))
+    else:
+        data = {"code": ErrorCode.INVALID_PROMPT, "message": "No backend can run this prompt",
+                "prompt_id": job.job_id, "status": 400, "node_errors": {},
+                "error": {"type": "no_backend", "message": "No backend can run this prompt", "details": "",
+                          "extra_info": {}}}
+    if len(why) > 1 or body is None:
+        lines = "; ".join(f"{name}: {r.reason}" for name, r in why.items())
+        data["message"] = f"No backend can run this prompt ({lines})"[:2000]
+        data["backends"] = {name: r.reason for name, r in why.items()}
+    return data
 
 
 def rejection_data(job: Job, e: ComfyRejected) -> dict:
@@ -202,7 +200,7 @@ class JobQueue:
         log.info("prompt submit user=%s prompt=%s nodes=%d", job.owner, job.job_id, len(job.payload["prompt"]))
         await self.post(job, backend, link, announced=False)
 
-    def refuse(self, job: Job, why: dict[str, list[str]]) -> None:
+    def refuse(self, job: Job, why: dict[str, Refusal]) -> None:
         """No backend can run this job (every backend's capabilities are known): it ends now,
         in ComfyUI's 400 shape, saying what each backend lacks."""
         self.metrics.prompts.labels("rejected").inc()
