@@ -422,7 +422,8 @@ async def run_ours(sims, jobs, timeout: float, note: list, fleet: Fleet, tmp: st
               "comfy_connect_timeout_ms": 2000, "comfy_request_timeout_ms": 5000, "submit_burst": 100000,
               "submit_rate_per_s": 100000.0, "max_queued_prompts_per_user": max(100, len(jobs))}
     if proxy_has_backends_option():
-        values["backends"] = [{"name": spec.name, "url": sim.url, "weight": spec.speed, "labels": []}
+        # weight 1 for all: the scheduler must learn speeds online, as no baseline is told them
+        values["backends"] = [{"name": spec.name, "url": sim.url, "weight": 1.0, "labels": []}
                               for spec, sim in zip(fleet.backends, sims)]
     elif not any(line.startswith("ours:") for line in note):
         note.append("ours: this proxy has no BACKENDS option (issue 12 not merged): it fronts the first "
