@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from typing import Callable
@@ -34,18 +35,23 @@ from .api.ops import (
     snapshot,
 )
 from .api.outputs import DownloadSlots, OutputsHandler
+from .api.templates import TemplateHandler, TemplatesHandler
 from .api.uploads import UploadHandler
 from .auth import build_verifier
+from .config import BackendSpec, backend_specs
 from .backends.backend import Backend
 from .backends.breaker import CircuitBreaker
 from .backends.links import LinkManager
 from .backends.pool import BackendPool
+from .backends.scheduler import Scheduler
+from .config import ConfigError
 from .gateway.connection import ClientConnection, ClientPinger
 from .gateway.session import SessionRegistry
 from .jobs.isolation import UserIsolation
 from .jobs.queue import JobQueue
 from .jobs.reconcile import Reconciler
 from .jobs.service import JobService
+from .jobs.templates import TemplateRegistry
 from .jobs.tracker import JobTracker
 from .jobs.uploads import UploadStore
 from .jobs.webhooks import WebhookSender
@@ -100,17 +106,10 @@ class ProxyState:
         self.metrics = Metrics()
         self.http = http_client or AsyncHTTPClient(force_instance=True, max_clients=HTTP_CLIENT_MAX_CLIENTS)
         self._own_http = http_client is None
-        breaker = CircuitBreaker(failure_threshold=settings.breaker_failure_threshold,
-                                 open_seconds=settings.breaker_open_ms / 1000,
-                                 max_open_seconds=settings.breaker_max_open_ms / 1000)
-        backend = Backend(settings.comfy_url, self.http, breaker=breaker, clock=clock,
-                          connect_timeout=settings.comfy_connect_timeout_ms / 1000,
-                          request_timeout=settings.comfy_request_timeout_ms / 1000,
-                          probe_timeout=settings.breaker_probe_timeout_ms / 1000,
-                          probe_interval_ms=min(PROBE_CHECK_MS, settings.breaker_open_ms))
-        self.metrics.set_breaker(backend.name, backend.breaker.state.value)
-        backend.add_breaker_listener(lambda old, new: self._breaker_changed(backend.name, new.value))
-        self.pool = BackendPool([backend], queue_depth=settings.backend_queue_depth)
+        backends = [self._backend(spec) for spec in backend_specs(settings)]
+        self.pool = BackendPool(backends, queue_depth=settings.backend_queue_depth,
+                                scheduler=Scheduler(clock, settings.affinity_max_wait_s))
+        self.templates = self._templates(settings)  # (before the store: a bad directory stops the start)
         self.store = open_store(settings.store_path)
         # the domain
         self.tracker = JobTracker(self.store, self.metrics, clock, wall, settings.share_comfy_status)
@@ -129,13 +128,16 @@ class ProxyState:
             self.tracker.webhook_message = self.webhooks.message
             self.tracker.outbox_listeners.append(self.webhooks.tick)
         self.service = JobService(self.tracker, self.queue, self.reconciler, self.pool, self.links, self.metrics,
-                                  settings, clock, self.isolation, self.webhooks if self.webhooks.enabled else None)
+                                  settings, clock, self.isolation, self.webhooks if self.webhooks.enabled else None,
+                                  self.templates)
         self.downloads = DownloadSlots(settings.max_downloads_per_user)
         upload_dir = settings.upload_dir or (settings.store_path + ".uploads" if settings.store_path != ":memory:"
                                              else "")
         folder_of = self.isolation.folder if self.isolation is not None else \
             UserIsolation(self.store.secret("user-folders")).folder
         self.uploads = UploadStore(upload_dir, folder_of)
+        if self.templates is not None:
+            self.templates.upload_reference = self.uploads.reference
         self.queue.uploads = self.uploads
         self.idempotency_in_flight: set[tuple[str, str]] = set()  # (owner, key) being accepted now
         self.job_events: list = []  # the event logs of the routes mounted (JobEvents)
@@ -150,6 +152,44 @@ class ProxyState:
         self.pinger = ClientPinger(self.registry, settings, wall)
         self.started = False
         self.metrics.queued_prompts.set(len(self.queue.fair))
+
+    def _backend(self, spec: BackendSpec) -> Backend:
+        """One ComfyUI, with its own breaker, probe and capabilities."""
+        s = self.settings
+        breaker = CircuitBreaker(failure_threshold=s.breaker_failure_threshold, open_seconds=s.breaker_open_ms / 1000,
+                                 max_open_seconds=s.breaker_max_open_ms / 1000)
+        backend = Backend(spec.url, self.http, name=spec.name, breaker=breaker, clock=self.clock,
+                          connect_timeout=s.comfy_connect_timeout_ms / 1000,
+                          request_timeout=s.comfy_request_timeout_ms / 1000,
+                          probe_timeout=s.breaker_probe_timeout_ms / 1000,
+                          probe_interval_ms=min(PROBE_CHECK_MS, s.breaker_open_ms), weight=spec.weight,
+                          labels=spec.labels, capabilities_refresh_s=s.capabilities_refresh_s)
+        self.metrics.set_breaker(backend.name, backend.breaker.state.value)
+        backend.add_breaker_listener(lambda old, new: self._breaker_changed(backend.name, new.value))
+        return backend
+
+    def _model_exists(self, folder: str, name: str) -> bool | None:
+        """Has some backend this model file? None while a backend's model lists are unknown
+        (ComfyUI's own validation then says)."""
+        known = [b.capabilities for b in self.pool]
+        if any(c is not None and name in c.models.get(folder, ()) for c in known):
+            return True
+        if any(c is None or folder not in c.models for c in known):
+            return None
+        return False
+
+    def _templates(self, settings) -> TemplateRegistry | None:
+        """The templates of TEMPLATES_DIR, loaded (None without one)."""
+        if not settings.templates_dir:
+            return None
+        if not os.path.isdir(settings.templates_dir):
+            raise ConfigError(f"TEMPLATES_DIR: {settings.templates_dir} is not a directory")
+        templates = TemplateRegistry(settings.templates_dir, max_templates=settings.templates_max_count,
+                                     max_file_bytes=settings.templates_max_file_bytes,
+                                     interval_s=settings.templates_reload_interval_s,
+                                     model_exists=self._model_exists)
+        templates.load()
+        return templates
 
     def _client_id(self, owner: str, backend: str) -> str:
         """The pair's durable client id; while the store fails, one for this process only (a
@@ -195,6 +235,8 @@ class ProxyState:
         self.pinger.start()
         if self.webhooks.enabled:
             self.webhooks.start()
+        if self.templates is not None:
+            self.templates.start()
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful stop: refuse new sockets, tell clients, let in-flight ComfyUI calls
@@ -208,6 +250,8 @@ class ProxyState:
         self.lag_monitor.stop()
         self.pinger.stop()
         self.service.stop()
+        if self.templates is not None:
+            self.templates.stop()
         await self.webhooks.stop()
         for events in self.job_events:
             events.close()
@@ -249,7 +293,10 @@ def routes(state: ProxyState, prefix: str = "") -> list:
         (prefix + r"/metrics", MetricsHandler, kw),
         (prefix + r"/metrics/prometheus", PrometheusHandler, kw),
         (prefix + r"/openapi\.json", OpenApiHandler, {"settings": state.settings, "prefix": prefix,
-                                                   "version": state.version}),
+                                                   "version": state.version, "templates": state.templates}),
+        (prefix + r"/templates/?", TemplatesHandler, {**state.user_kwargs(), "templates": state.templates}),
+        (prefix + r"/templates/([^/]{1,200})", TemplateHandler,
+         {**state.user_kwargs(), "templates": state.templates}),
         (prefix + r"/docs", DocsHandler),
         (prefix + r"/upload", UploadHandler, {**state.user_kwargs(), "uploads": state.uploads,
                                               "settings": state.settings}),

@@ -88,8 +88,27 @@ OPTIONS: tuple[Option, ...] = (
          "connections shed or refused at the caps; each counts what happened since the previous.",
          minimum=0.01),
     # --- ComfyUI ----------------------------------------------------------------------------
-    _opt("comfy_url", "str", "", "Base URL of ComfyUI, e.g. http://127.0.0.1:8188 (required).",
-         env=("COMFY_URL", "COMFYUI_URL"), required=True),
+    _opt("comfy_url", "str", "", "Base URL of ComfyUI, e.g. http://127.0.0.1:8188 (required unless BACKENDS "
+         "or BACKENDS_FILE names the ComfyUI servers): the one-backend shorthand, a backend named default.",
+         env=("COMFY_URL", "COMFYUI_URL")),
+    _opt("backends", "json", (),
+         "Several ComfyUI servers: a list of {name, url, weight?, labels?} (in the config file a Python "
+         "list of dicts, in the environment JSON). name: 1-32 of a-z 0-9 _ -; weight: its speed relative to "
+         "the others until the proxy has measured it (default 1); labels: names a job may require.",
+         env=("BACKENDS", "COMFY_BACKENDS")),
+    _opt("backends_file", "str", "", "A JSON file with the BACKENDS list (for many backends)."),
+    _opt("capabilities_refresh_s", "float", 300.0,
+         "How often each backend's node classes, model files and system stats are read again (also at "
+         "connect and after every upstream reconnect), off the request path.", minimum=1),
+    _opt("failover_after_s", "float", 120.0,
+         "A job placed on a backend that has been unreachable this long is moved to another one and fenced: "
+         "when the old backend returns, the job is deleted from its queue or interrupted there before "
+         "anything of it is delivered. Sooner, when the backend is reachable and does not hold it.",
+         minimum=0.1),
+    _opt("affinity_max_wait_s", "float", 10.0,
+         "How long a job may wait for a busy backend that would finish it sooner (its checkpoint already "
+         "loaded, or faster) while another capable backend is free; then it goes to the free one.",
+         minimum=0),
     _opt("comfy_connect_timeout_ms", "int", 5000, "Connect timeout for calls to ComfyUI.", minimum=1),
     _opt("comfy_request_timeout_ms", "int", 30000, "Total timeout of one HTTP call to ComfyUI.", minimum=1),
     _opt("upstream_max_message_bytes", "int", 64 * MIB,
@@ -119,13 +138,16 @@ OPTIONS: tuple[Option, ...] = (
          "POSTs of one prompt that ComfyUI may answer with a 5xx while it is up (a poison prompt); "
          "after that the prompt fails with comfy_error and its owner is told.", minimum=1),
     _opt("max_comfy_jobs_per_user", "int", 2,
-         "Jobs of one user that ComfyUI may hold at once (running plus waiting in its queue); the "
-         "user's others wait in the proxy's queue, so nobody fills ComfyUI's queue. 0: no limit.", minimum=0),
+         "Jobs of one user that ComfyUI may hold at once (running plus waiting in its queue; with several "
+         "backends, this many per backend); the user's others wait in the proxy's queue, so nobody fills "
+         "ComfyUI's queue. 0: no limit.", minimum=0),
     _opt("allow_front", "bool", False,
          "Let clients submit with front: true (ahead of everyone in ComfyUI's queue)."),
     _opt("backend_queue_depth", "int", 0,
          "Jobs of ours one ComfyUI may hold at once (running plus waiting in its queue); the rest wait, "
-         "fairly, in the proxy. 0: no limit.", minimum=0),
+         "fairly, in the proxy, and go to whichever backend frees first. 0: automatic, 1 with several "
+         "backends (late binding: a job never waits behind a busy GPU while another is idle), no limit with "
+         "one.", minimum=0),
     # --- circuit breaker --------------------------------------------------------------------
     _opt("breaker_failure_threshold", "int", 5, "Consecutive failures that open the breaker.", minimum=1),
     _opt("breaker_open_ms", "int", 5000, "First open period before a half-open probe.", minimum=1),
@@ -209,6 +231,16 @@ OPTIONS: tuple[Option, ...] = (
     _opt("upload_dir", "str", "",
          "Where uploads are kept, per user (empty: STORE_PATH + '.uploads'; with ':memory:', a temporary "
          "folder)."),
+    # --- workflow templates (docs/templates.rst) ----------------------------------------------
+    _opt("templates_dir", "str", "",
+         "A directory of workflow templates, one <name>.json file each (empty: no templates)."),
+    _opt("templates_reload_interval_s", "float", 5.0,
+         "How often the templates' files are looked at for changes (a stat each; changed ones are "
+         "reloaded). 0: only at start.", minimum=0),
+    _opt("templates_max_count", "int", 200,
+         "Most templates served (the first by file name; the others are reported as broken).", minimum=1),
+    _opt("templates_max_file_bytes", "int", 1 * MIB,
+         "Largest template file read (a larger one is reported as broken).", minimum=1024),
     _opt("max_downloads_per_user", "int", 4,
          "/outputs downloads one user may have in progress at once (too_many_downloads).", minimum=1),
     _opt("download_stall_timeout_s", "float", 30.0,
@@ -295,6 +327,16 @@ def _convert(option: Option, raw: Any, where: str) -> Any:
             value = float(raw.strip()) if isinstance(raw, str) else float(raw)
         except (TypeError, ValueError):
             raise bad(f"expected a number, got {raw!r}") from None
+    elif kind == "json":
+        if isinstance(raw, str):
+            import json
+            try:
+                raw = json.loads(raw) if raw.strip() else []
+            except ValueError as e:
+                raise bad(f"expected JSON ({e})") from None
+        if not isinstance(raw, (list, tuple)) or not all(isinstance(p, dict) for p in raw):
+            raise bad(f"expected a list of objects, got {raw!r:.200}")
+        value = tuple(dict(p) for p in raw)
     elif kind == "list":
         if isinstance(raw, str):
             value = tuple(part.strip() for part in raw.split(",") if part.strip())
@@ -482,12 +524,7 @@ def validate(s: "Settings") -> None:
     """Rules that involve more than one option or a value's shape."""
     from urllib.parse import urlsplit
 
-    if not s.comfy_url:
-        raise ConfigError("COMFY_URL: required (the ComfyUI base URL, e.g. http://127.0.0.1:8188)")
-    parts = urlsplit(s.comfy_url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"COMFY_URL: expected an http(s) URL like http://127.0.0.1:8188, got {s.comfy_url!r}")
-    _check_url_port("COMFY_URL", s.comfy_url)
+    backend_specs(s)  # COMFY_URL, or BACKENDS / BACKENDS_FILE
     if s.no_verify and not s.dev_mode:
         raise ConfigError("NO_VERIFY: true is refused unless DEV_MODE=true (it accepts forged tokens)")
     if not s.dev_mode and s.metrics_secret == DEFAULT_METRICS_SECRET:
@@ -527,6 +564,65 @@ def validate(s: "Settings") -> None:
             and s.max_connections_per_ip > s.max_tcp_connections_per_address):
         raise ConfigError(f"MAX_CONNECTIONS_PER_IP: {s.max_connections_per_ip} WebSockets per address cannot fit "
                           f"in MAX_TCP_CONNECTIONS_PER_ADDRESS={s.max_tcp_connections_per_address} TCP connections")
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    name: str
+    url: str
+    weight: float = 1.0
+    labels: tuple[str, ...] = ()
+
+
+_BACKEND_NAME = __import__("re").compile(r"[a-z0-9_-]{1,32}")
+
+
+def backend_specs(s: "Settings") -> list[BackendSpec]:
+    """The ComfyUI servers: BACKENDS, else BACKENDS_FILE, else COMFY_URL (one named default)."""
+    import json
+    from urllib.parse import urlsplit
+
+    where = "BACKENDS"
+    raw = list(s.backends)
+    if not raw and s.backends_file:
+        where = "BACKENDS_FILE"
+        try:
+            with open(s.backends_file, encoding="utf-8") as f:
+                raw = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"BACKENDS_FILE: cannot read {s.backends_file!r}: {e}") from None
+        if not isinstance(raw, list) or not raw or not all(isinstance(p, dict) for p in raw):
+            raise ConfigError("BACKENDS_FILE: expected a JSON list of {name, url, weight?, labels?} objects")
+    if not raw:
+        if not s.comfy_url:
+            raise ConfigError("COMFY_URL: required (the ComfyUI base URL, e.g. http://127.0.0.1:8188), "
+                              "or BACKENDS for several")
+        raw = [{"name": "default", "url": s.comfy_url}]
+        where = "COMFY_URL"
+    specs, names = [], set()
+    for i, item in enumerate(raw):
+        unknown = set(item) - {"name", "url", "weight", "labels"}
+        if unknown:
+            raise ConfigError(f"{where}[{i}]: unknown field(s) {', '.join(sorted(unknown))}")
+        name, url = item.get("name"), item.get("url")
+        if not isinstance(name, str) or not _BACKEND_NAME.fullmatch(name):
+            raise ConfigError(f"{where}[{i}]: name must be 1-32 of a-z 0-9 _ -, got {name!r}")
+        if name in names:
+            raise ConfigError(f"{where}[{i}]: the name {name!r} is used twice")
+        names.add(name)
+        label = where if where == "COMFY_URL" else f"{where}[{i}] ({name})"
+        parts = urlsplit(url) if isinstance(url, str) else None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{label}: expected an http(s) URL like http://127.0.0.1:8188, got {url!r}")
+        _check_url_port(label, url)
+        weight = item.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= 1000:
+            raise ConfigError(f"{label}: weight must be a number in (0, 1000], got {weight!r}")
+        labels = item.get("labels", [])
+        if not isinstance(labels, list) or not all(isinstance(x, str) and x for x in labels):
+            raise ConfigError(f"{label}: labels must be a list of names, got {labels!r}")
+        specs.append(BackendSpec(name, url.rstrip("/"), float(weight), tuple(labels)))
+    return specs
 
 
 def _check_url_port(name: str, url: str) -> None:
@@ -572,6 +668,6 @@ def describe(settings: "Settings") -> Iterable[tuple[str, Any]]:
         yield o.name, value
 
 
-__all__ = ["ConfigError", "OPTIONS", "Option", "Settings", "load_settings", "build_settings",
+__all__ = ["BackendSpec", "backend_specs", "ConfigError", "OPTIONS", "Option", "Settings", "load_settings", "build_settings",
            "settings_for_tests", "help_text", "describe", "DEFAULT_METRICS_SECRET"]
 

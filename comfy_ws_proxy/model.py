@@ -58,6 +58,11 @@ class Job:
     result: dict | None = None  # the final event's data (error details), or the rejection
     told: bool = False        # the final outcome reached one of the owner's live sockets
     webhook_url: str = ""     # where its final outcome is delivered ("" : nowhere)
+    template: dict | None = None  # {name, params} of the template it was made from (params resolved)
+    # Backends it was moved away from while they could not be asked (FAILOVER_AFTER_S): each may
+    # still hold it, so it is deleted or interrupted there when that backend returns, and
+    # nothing that backend says about it is delivered.
+    fenced: tuple[str, ...] = ()
 
     # --- this process only (never stored) ---
     gap: bool = field(default=False, compare=False)  # events may have been missed (restart, link drop)
@@ -72,6 +77,10 @@ class Job:
     current: tuple | None = field(default=None, compare=False)  # running: (node, step, steps)
     nodes_done: set = field(default_factory=set, compare=False)  # executed or cached nodes
     nodes_total: int | None = field(default=None, compare=False)  # the prompt's size (kept when it is dropped)
+    needs: Any = field(default=None, compare=False)  # JobNeeds: what placement looks at (kept when dropped)
+    fits: dict = field(default_factory=dict, compare=False)  # backend -> (its fingerprint, why it cannot run it)
+    switched_model: bool = field(default=False, compare=False)  # it started on a backend with another model
+    queued_since: float = field(default=0.0, compare=False)  # monotonic: when it last entered the queue
 
     @property
     def finished(self) -> bool:
@@ -92,10 +101,16 @@ class SubmitRequest:
     front: bool = False
     timeout_s: float | None = None  # this job's execution time limit (may only lower the option's)
     webhook_url: str | None = None  # where to deliver the outcome (Standard Webhooks)
+    template: str | None = None  # a template's name instead of a prompt (rendered by the service)
+    params: dict | None = None  # the template's parameters (once rendered: every one, resolved)
+    labels: tuple[str, ...] = ()  # backends it may run on must have every one of these
 
     def payload(self) -> dict:
-        return {"prompt": self.prompt, "extra_data": self.extra_data,
-                "partial_execution_targets": self.partial_execution_targets, "front": self.front}
+        payload = {"prompt": self.prompt, "extra_data": self.extra_data,
+                   "partial_execution_targets": self.partial_execution_targets, "front": self.front}
+        if self.labels:
+            payload["labels"] = list(self.labels)
+        return payload
 
 
 @dataclass(frozen=True)
@@ -135,6 +150,8 @@ class ErrorCode:
     QUEUE_FULL = "queue_full"
     INVALID_MESSAGE = "invalid_message"
     INVALID_PROMPT = "invalid_prompt"
+    INVALID_PARAMS = "invalid_params"  # a template's parameters break its rules (every one listed)
+    UNKNOWN_TEMPLATE = "unknown_template"
     COMFY_ERROR = "comfy_error"  # ComfyUI failed (5xx) on this prompt, again and again
     OUTCOME_UNKNOWN = "outcome_unknown"  # ComfyUI lost it, and it may have run: not sent again
     MESSAGE_TOO_LARGE = "message_too_large"

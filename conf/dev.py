@@ -8,3 +8,4 @@ jwt_key_file = "dev/dev_jwks.json"   # written by scripts/dev_token.py
 store_path = "dev/comfy_ws_proxy.sqlite3"
 max_connections_per_user = 4
 demo_page = True
+templates_dir = "conf/templates"     # the shipped workflow templates (docs/templates.rst): text2img

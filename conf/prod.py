@@ -25,3 +25,5 @@ isolate_users = True
 file_inputs = []              # custom loaders' file inputs, e.g. ["MyLoader.path"]
 shared_cache_nodes = []       # e.g. ["CheckpointLoaderSimple", "VAELoader"]: faster, but a user can
                               # tell that someone just loaded the same model
+# Workflow templates (docs/templates.rst): users send {template, params} instead of a graph.
+templates_dir = ""            # e.g. "/etc/comfy-ws-proxy/templates" (a copy of conf/templates to start)

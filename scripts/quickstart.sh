@@ -99,6 +99,9 @@ The proxy is running at $BASE (pid $PROXY_PID, logs: $DEV_DIR/proxy.log). Try it
   the demo page: $BASE/demo (paste a token: $PY scripts/dev_token.py --sub bob --dir $DEV_DIR)
   export COMFY_WS_PROXY_TOKEN=\$($PY scripts/dev_token.py --sub bob --dir $DEV_DIR)
   $PY scripts/comfy_client.py --url ws://127.0.0.1:$PORT/ws comfy_ws_proxy/testing/workflows/success.json
+  a template (conf/templates/text2img.json; the list: $BASE/templates) with typed parameters:
+  curl -s -H "Authorization: Bearer \$COMFY_WS_PROXY_TOKEN" -H 'Prefer: wait=30' \\
+       --data '{"template": "text2img", "params": {"seed": 42, "steps": 8}}' $BASE/generate
   curl -s -H 'Authorization: Bearer dev-metrics-secret' $BASE/metrics
 INFO
 if [ -n "${QUICKSTART_EXIT_AFTER_RUN:-}" ]; then

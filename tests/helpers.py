@@ -34,6 +34,26 @@ def workflow(name: str) -> dict:
         return json.load(f)
 
 
+async def until(predicate: Callable[[], bool], listeners: list[list], timeout: float = TIMEOUT) -> None:
+    """Wait until ``predicate()`` holds, checked again whenever one of ``listeners`` (lists
+    of callbacks, such as the tracker's) is called."""
+    changed = asyncio.Event()
+
+    def poke(*args) -> None:
+        changed.set()
+    for callbacks in listeners:
+        callbacks.append(poke)
+    try:
+        async def wait():
+            while not predicate():
+                changed.clear()
+                await changed.wait()
+        await asyncio.wait_for(wait(), timeout)
+    finally:
+        for callbacks in listeners:
+            callbacks.remove(poke)
+
+
 def job_finished(state, job_id: str) -> asyncio.Future:
     """A future resolved with the job once the tracker has finished it (at once if it has)."""
     future = asyncio.get_running_loop().create_future()
@@ -119,6 +139,16 @@ class Client:
                 await self._changed.wait()
         return await asyncio.wait_for(find(), timeout)
 
+    async def until(self, predicate: Callable[[], bool], timeout: float = TIMEOUT) -> None:
+        """Wait until ``predicate()`` holds, checked again on every message received."""
+        async def wait():
+            while not predicate():
+                if self.closed.done():
+                    raise AssertionError(f"{self.user}: closed {self.closed.result()}")
+                self._changed.clear()
+                await self._changed.wait()
+        await asyncio.wait_for(wait(), timeout)
+
     def json_messages(self) -> list[dict]:
         return [m for m in self.received if isinstance(m, dict)]
 
@@ -154,8 +184,12 @@ class Client:
 
 class ProxyHarness:
     def __init__(self, *, simulator: bool = True, clock=None, wall=None, sim_kwargs: dict | None = None,
-                 **overrides):
+                 fleet: dict[str, dict] | None = None, **overrides):
+        """``fleet``: several backends, name -> that simulator's arguments (``h.sims[name]``;
+        ``h.sim`` is the first)."""
         self.overrides = overrides
+        self.fleet = fleet
+        self.sims: dict = {}
         self.use_simulator = simulator
         self.sim_kwargs = sim_kwargs or {}
         self.clock = clock
@@ -170,13 +204,22 @@ class ProxyHarness:
         with open(jwks_path, "w") as f:
             json.dump(self.key.jwks(), f)
         comfy_url = "http://127.0.0.1:%d" % free_port()
-        if self.use_simulator:
+        backends = []
+        if self.fleet:
+            from comfy_ws_proxy.testing.comfyui import ComfySimulator
+
+            for name, kwargs in self.fleet.items():
+                self.sims[name] = ComfySimulator(**kwargs)
+                await self.sims[name].start()
+                backends.append({"name": name, "url": self.sims[name].url})
+            self.sim = next(iter(self.sims.values()))
+        elif self.use_simulator:
             from comfy_ws_proxy.testing.comfyui import ComfySimulator
 
             self.sim = ComfySimulator(**self.sim_kwargs)
             await self.sim.start()
             comfy_url = self.sim.url
-        values = {"comfy_url": comfy_url, "jwt_key_file": jwks_path, "upstream_reconnect_min_ms": 20,
+        values = {"comfy_url": comfy_url, "backends": backends, "jwt_key_file": jwks_path, "upstream_reconnect_min_ms": 20,
                   "upstream_reconnect_max_ms": 200, "breaker_open_ms": 50, "breaker_max_open_ms": 400,
                   "comfy_connect_timeout_ms": 2000, "comfy_request_timeout_ms": 5000, "submit_burst": 1000,
                   "submit_rate_per_s": 1000.0}
@@ -230,8 +273,8 @@ class ProxyHarness:
         await self.state.stop(grace=0)
         await self.server.close_all_connections()
         self.http.close()
-        if self.sim is not None:
-            await self.sim.stop()
+        for sim in self.sims.values() or ([self.sim] if self.sim is not None else []):
+            await sim.stop()
         self._tmp.cleanup()
 
     @property

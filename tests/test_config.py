@@ -74,7 +74,46 @@ def test_cross_option_rules():
 
 def test_every_option_has_help_and_a_typed_default():
     for option in OPTIONS:
-        assert option.help and option.env and option.type in ("str", "int", "float", "bool", "list")
+        assert option.help and option.env and option.type in ("str", "int", "float", "bool", "list", "json")
+
+
+def test_backends_come_from_backends_a_file_or_comfy_url(tmp_path):
+    from comfy_ws_proxy.config import BackendSpec, backend_specs
+    env = {"DEV_MODE": "true", "NO_VERIFY": "true"}
+    one = load_settings([], {**env, "COMFY_URL": "http://127.0.0.1:8188/"})
+    assert backend_specs(one) == [BackendSpec("default", "http://127.0.0.1:8188")]
+    listed = '[{"name": "gpu0", "url": "http://10.0.0.1:8188", "weight": 2, "labels": ["sdxl"]}, ' \
+             '{"name": "gpu1", "url": "http://10.0.0.2:8188"}]'
+    many = load_settings([], {**env, "BACKENDS": listed, "COMFY_URL": "http://127.0.0.1:8188"})
+    assert backend_specs(many) == [BackendSpec("gpu0", "http://10.0.0.1:8188", 2.0, ("sdxl",)),
+                                   BackendSpec("gpu1", "http://10.0.0.2:8188")]
+    path = tmp_path / "backends.json"
+    path.write_text(listed)
+    assert backend_specs(load_settings([], {**env, "BACKENDS_FILE": str(path)})) == backend_specs(many)
+    conf = write(tmp_path, 'backends = [{"name": "a", "url": "http://127.0.0.1:1"}]\n'
+                           'dev_mode = True\nno_verify = True\n')
+    assert [b.name for b in backend_specs(load_settings(["--config", conf], {}))] == ["a"]
+
+
+@pytest.mark.parametrize("value, message", [
+    ('[{"name": "a", "url": "http://x:1"}, {"name": "a", "url": "http://y:1"}]', "used twice"),
+    ('[{"name": "GPU 0", "url": "http://x:1"}]', "name must be"),
+    ('[{"name": "a", "url": "ftp://x"}]', "http(s) URL"),
+    ('[{"name": "a", "url": "http://x:99999"}]', "port"),
+    ('[{"name": "a", "url": "http://x:1", "weight": 0}]', "weight"),
+    ('[{"name": "a", "url": "http://x:1", "labels": "sdxl"}]', "labels"),
+    ('[{"name": "a", "url": "http://x:1", "gpu": 1}]', "unknown field"),
+    ('{"name": "a"}', "list of objects"),
+    ('[{"name": ', "expected JSON"),
+])
+def test_a_bad_backends_list_is_one_clear_line(value, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_settings([], {"DEV_MODE": "true", "NO_VERIFY": "true", "BACKENDS": value})
+
+
+def test_without_comfy_url_or_backends_the_proxy_does_not_start():
+    with pytest.raises(ConfigError, match="COMFY_URL: required"):
+        load_settings([], {"DEV_MODE": "true", "NO_VERIFY": "true"})
 
 
 def run(args, env=None, cwd=None):

@@ -112,3 +112,30 @@ async def test_a_restart_loses_no_outcome_and_tells_each_once(io_loop, how, owne
         later.send("ping")
         await later.next("pong")
         assert not any(finals(later, i) for i in ids)
+
+
+async def test_an_outcome_still_in_the_proxys_buffers_when_it_dies_is_still_owed(io_loop):
+    """An outcome counts as told only once a socket's kernel has its bytes: one queued in the
+    proxy behind a client's unread 8 MB preview dies with the process, so it stays owed, and
+    the owner hears it when they come back."""
+    import json as json_module
+
+    from .test_security import masked_frame, raw_upgrade
+    async with ProxyHarness(store_path="file", max_outbound_buffer_bytes=64 << 20) as h:
+        _, writer = await raw_upgrade(h.port, h.token("alice"))  # completes the upgrade, never reads
+        prompt_id = str(uuid.uuid4())
+        finished = job_finished(h.state, prompt_id)
+        message = {"type": "submit_prompt", "data": {"prompt": fresh("success-ws-large"), "prompt_id": prompt_id}}
+        writer.write(masked_frame(0x1, json_module.dumps(message).encode()))
+        await writer.drain()
+        job = await asyncio.wait_for(finished, TIMEOUT)
+        assert job.state == "success"
+        conn = next(iter(h.state.registry.sessions["alice"].connections))
+        assert conn.pending_bytes > 0  # the preview and the outcome behind it are still ours
+        assert not job.told
+        await h.restart_proxy("kill")
+        writer.close()
+        alice = await h.connect("alice")
+        final = await alice.next("execution_success", where=lambda m: m["data"].get("prompt_id") == prompt_id)
+        assert final.get("replayed") is True
+        assert h.state.tracker.get(prompt_id).told

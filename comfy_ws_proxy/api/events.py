@@ -118,10 +118,10 @@ class JobEvents:
         else:
             log.add("status", self.views.status(job))
 
-    def job_notice(self, job: Job, kind: str, data: dict) -> bool:
+    def job_notice(self, job: Job, kind: str, data: dict, on_sent=None) -> bool:
         return False  # the proxy's own messages: their substance comes as status events
 
-    def job_frame(self, job: Job | None, kind: str, frame) -> bool:
+    def job_frame(self, job: Job | None, kind: str, frame, on_sent=None) -> bool:
         log = self.logs.get(job.job_id) if job is not None else None
         if log is None or log.ended:
             return False  # never counts as telling the owner: the WebSocket's replay stays owed

@@ -30,7 +30,7 @@ CANCELLED = frozenset({JobState.CANCELLED, JobState.INTERRUPTED})
 HTTP_STATUS = {ErrorCode.INVALID_MESSAGE: 400, ErrorCode.INVALID_PROMPT: 422, ErrorCode.MESSAGE_TOO_LARGE: 413,
                ErrorCode.RATE_LIMITED: 429, ErrorCode.QUEUE_FULL: 429, ErrorCode.NOT_FOUND: 404,
                ErrorCode.COMFY_UNAVAILABLE: 503, ErrorCode.STORE_UNAVAILABLE: 503, ErrorCode.COMFY_ERROR: 502,
-               ErrorCode.UNAUTHORIZED: 401}
+               ErrorCode.UNAUTHORIZED: 401, ErrorCode.INVALID_PARAMS: 422, ErrorCode.UNKNOWN_TEMPLATE: 422}
 # Refusals that another try may turn into an acceptance: never recorded for an Idempotency-Key.
 RETRYABLE = frozenset({ErrorCode.RATE_LIMITED, ErrorCode.QUEUE_FULL, ErrorCode.COMFY_UNAVAILABLE,
                        ErrorCode.STORE_UNAVAILABLE})
@@ -92,7 +92,7 @@ class JobViews:
             "expires_at": iso(job.finished_at + self.retention) if job.finished_at is not None else None,
             "queue_position": self.service.queue_position(job),
             "progress": self._progress(job, prompt), "outputs": self._outputs(job), "error": self._error(job),
-            "urls": self.urls(job),
+            "urls": self.urls(job), "template": job.template,
             **({"backend": job.backend or None} if self.show_backend else {}),
         }
 
@@ -192,8 +192,8 @@ class ApiHandler(UserHandler):
 
 
 class GenerateHandler(ApiHandler):
-    """POST /generate: a workflow (API format) or ``{prompt, extra_data?, prompt_id?, ...}``;
-    202 with the job. ``Idempotency-Key`` makes retries safe; ``Prefer: wait=N`` waits."""
+    """POST /generate: a workflow (API format), ``{prompt, extra_data?, prompt_id?, ...}`` or
+    ``{template, params, ...}``; 202 with the job. ``Idempotency-Key`` makes retries safe; ``Prefer: wait=N`` waits."""
 
     def initialize(self, isolation: UserIsolation | None = None, in_flight: set | None = None, **kwargs):
         super().initialize(**kwargs)
@@ -278,7 +278,9 @@ class GenerateHandler(ApiHandler):
             raise RequestError(ErrorCode.INVALID_PROMPT, "This is a UI-format workflow (saved with Save); "
                                "export it with 'Export (API)' and send that")
         inner = body.get("prompt")
-        data: dict[str, Any] = body if isinstance(inner, dict) and "class_type" not in inner else {"prompt": body}
+        templated = isinstance(body.get("template"), str)  # ({template, params}; a node is an object)
+        data: dict[str, Any] = body if templated or isinstance(inner, dict) and "class_type" not in inner \
+            else {"prompt": body}
         return parse_submit(data, self.options.max_prompt_nodes, self.options.node_allowlist)
 
     def _key(self):

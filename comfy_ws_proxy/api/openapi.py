@@ -18,13 +18,45 @@ def _json(schema: dict, description: str) -> dict:
 def _errors(*codes: int) -> dict:
     words = {400: "Bad request (invalid_message)", 401: "No valid token (unauthorized)",
              404: "No such job: unknown and another user's alike (not_found)", 409: "Conflict",
-             413: "Body too large (message_too_large)", 422: "Refused (invalid_prompt, idempotency_key_reuse)",
+             413: "Body too large (message_too_large)",
+             422: "Refused (invalid_prompt, invalid_params, unknown_template, idempotency_key_reuse)",
              429: "Too many (rate_limited, queue_full, too_many_downloads, too_many_streams); see Retry-After",
              503: "ComfyUI or the store unavailable; try again"}
     return {str(c): _json(ERROR, words[c]) for c in codes}
 
 
-def document(settings, prefix: str = "", version: str = "") -> dict:
+def _template_schemas(templates) -> dict:
+    """The components of template submissions: each template's parameters (its own JSON
+    Schema, without ``$schema``: the document's dialect is 2020-12 already) and the
+    submission that names it."""
+    found = templates.all() if templates is not None else []
+    schemas: dict = {}
+    choices = []
+    for template in found:
+        params = {k: v for k, v in template.schema().items() if k != "$schema"}
+        schemas[f"TemplateParams_{template.name}"] = params
+        choices.append({"type": "object", "required": ["template"], "properties": {
+            "template": {"const": template.name},
+            "params": {"$ref": f"#/components/schemas/TemplateParams_{template.name}"}}})
+    submission = {"type": "object", "required": ["template"],
+                  "description": "A template's name and its parameters (GET /templates), instead of a prompt",
+                  "properties": {"template": {"type": "string"}, "params": {"type": "object"},
+                                 "prompt_id": {"type": "string", "format": "uuid"},
+                                 "extra_data": {"type": "object"},
+                                 "partial_execution_targets": {"type": "array", "items": {"type": "string"}},
+                                 "timeout_s": {"type": "number", "exclusiveMinimum": 0},
+                                 "webhook_url": {"type": "string", "format": "uri"}}}
+    if choices:
+        submission["oneOf"] = choices
+    schemas["TemplateSubmission"] = submission
+    schemas["Template"] = {"type": "object", "required": ["name", "schema"], "properties": {
+        "name": {"type": "string"}, "description": {"type": "string"},
+        "schema": {"type": "object", "description": "The parameters, as a JSON Schema (draft 2020-12)"},
+        "outputs": {"type": "array", "items": {"type": "string"}}}}
+    return schemas
+
+
+def document(settings, prefix: str = "", version: str = "", templates=None) -> dict:
     job_id = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
     prefer = {"name": "Prefer", "in": "header", "required": False, "schema": {"type": "string"},
               "description": f"wait=N: wait up to N seconds (at most {settings.max_wait_s:g}) for the job to end."}
@@ -37,7 +69,8 @@ def document(settings, prefix: str = "", version: str = "") -> dict:
     submit = {"tags": ["jobs"], "summary": "Submit a job", "parameters": [key, prefer],
               "requestBody": {"required": True, "content": {"application/json": {"schema": {
                   "oneOf": [{"$ref": "#/components/schemas/Submission"},
-                            {"$ref": "#/components/schemas/Workflow"}]}}}},
+                            {"$ref": "#/components/schemas/Workflow"},
+                            {"$ref": "#/components/schemas/TemplateSubmission"}]}}}},
               "responses": {"202": _json(JOB, "Accepted: recorded, to run"),
                             "200": _json(JOB, "Already ended (within Prefer: wait)"),
                             **_errors(400, 401, 409, 413, 422, 429, 503)}}
@@ -65,6 +98,17 @@ def document(settings, prefix: str = "", version: str = "") -> dict:
                 "sha256": {"type": "string"}, "use": {"type": "object"}}},
                 f"Stored (at most {settings.upload_max_bytes} bytes): use its name in LoadImage"),
                 "415": _json(ERROR, "Not a PNG, JPEG, GIF or WebP image"), **_errors(400, 401, 413, 503)}}},
+        "/templates": {"get": {
+            "tags": ["templates"], "summary": "The workflow templates: name, description, parameters' schema",
+            "operationId": "listTemplates",
+            "responses": {"200": _json({"type": "object", "properties": {"templates": {
+                "type": "array", "items": {"$ref": "#/components/schemas/Template"}}}}, "Every template"),
+                **_errors(401)}}},
+        "/templates/{name}": {"get": {
+            "tags": ["templates"], "summary": "One template", "operationId": "getTemplate",
+            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": _json({"$ref": "#/components/schemas/Template"}, "The template"),
+                          "404": _json(ERROR, "No such template (unknown_template)"), **_errors(401)}}},
         "/job/{job_id}": {"get": {"tags": ["jobs"], "summary": "A job", "operationId": "getJob",
                                   "parameters": [job_id, prefer],
                                   "responses": {"200": _json(JOB, "The job"), **_errors(401, 404)}}},
@@ -123,7 +167,10 @@ def document(settings, prefix: str = "", version: str = "") -> dict:
                 "filename": {"type": "string"}, "subfolder": {"type": "string"}, "type": {"type": "string"},
                 "content_type": {"type": "string"}, "url": {"type": "string"}}}},
             "error": {"type": ["object", "null"]},
-            "urls": {"type": "object", "additionalProperties": {"type": "string"}}}},
+            "urls": {"type": "object", "additionalProperties": {"type": "string"}},
+            "template": {"type": ["object", "null"], "description": "The template it was made from: {name, "
+                         "params}, every parameter resolved (a random seed as drawn)"}}},
+        **_template_schemas(templates),
     }
     return {"openapi": "3.1.0",
             "info": {"title": "comfy_ws_proxy jobs API", "version": version,
@@ -137,8 +184,9 @@ def document(settings, prefix: str = "", version: str = "") -> dict:
 
 
 class OpenApiHandler(JsonHandler):
-    def initialize(self, settings, prefix: str, version: str):
-        self.document = json.dumps(document(settings, prefix, version), separators=(",", ":"))
+    def initialize(self, settings, prefix: str, version: str, templates=None):
+        # (built for each request: the templates are reloaded while the proxy runs)
+        self.document = json.dumps(document(settings, prefix, version, templates), separators=(",", ":"))
 
     def get(self):
         self.set_header("Cache-Control", "no-cache")

@@ -1,6 +1,7 @@
 """Operations endpoints: /health /live /ready /metrics (JSON and Prometheus)."""
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 
@@ -31,8 +32,15 @@ class LiveHandler(OpsHandler):
 
 
 class ReadyHandler(OpsHandler):
-    """Ready for traffic: accepting, the store writing, the breaker not open, ComfyUI answering
-    HTTP, and its WebSocket not refusing us."""
+    """Ready for traffic: accepting, the store writing, and at least one backend able to take
+    work: its breaker not open, ComfyUI answering HTTP, its WebSocket not refusing us. The
+    answer details every backend. Broken template files are listed in every answer
+    (``templates``) but never make the proxy unready: the other templates serve."""
+
+    def write_json(self, data, status: int = 200) -> None:
+        if self.app_state.templates is not None:
+            data = {**data, "templates": self.app_state.templates.status()}
+        super().write_json(data, status)
 
     async def get(self):
         state = self.app_state
@@ -40,18 +48,29 @@ class ReadyHandler(OpsHandler):
             return self.write_json({"status": "not_ready", "reason": "shutting_down"}, 503)
         if not state.tracker.store_healthy:
             return self.write_json({"status": "not_ready", "reason": "store_unavailable"}, 503)
-        backend = state.pool.default
+        backends = list(state.pool)
+        reasons = await asyncio.gather(*(self._backend_reason(b) for b in backends))
+        detail = {b.name: {"status": reason or "ready", "breaker": b.breaker.state.value,
+                           "jobs": state.tracker.placed_count(b.name),
+                           "capabilities_known": b.capabilities is not None}
+                  for b, reason in zip(backends, reasons)}
+        default = state.pool.default
+        if all(reasons):
+            reason = reasons[0] if len(backends) == 1 else "no_backend_ready"
+            return self.write_json({"status": "not_ready", "reason": reason, "breaker": default.breaker.state.value,
+                                    "backends": detail}, 503)
+        self.write_json({"status": "ready", "breaker": default.breaker.state.value, "backends": detail})
+
+    async def _backend_reason(self, backend) -> str | None:
+        settings = self.app_state.settings
         if not backend.available:
-            return self.write_json({"status": "not_ready", "reason": "breaker_open",
-                                    "breaker": backend.breaker.state.value}, 503)
-        if not await backend.answers_recently(timeout=state.settings.breaker_probe_timeout_ms / 1000,
-                                              max_age=state.settings.ready_cache_ms / 1000):
-            return self.write_json({"status": "not_ready", "reason": "comfy_unreachable",
-                                    "breaker": backend.breaker.state.value}, 503)
+            return "breaker_open"
+        if not await backend.answers_recently(timeout=settings.breaker_probe_timeout_ms / 1000,
+                                              max_age=settings.ready_cache_ms / 1000):
+            return "comfy_unreachable"
         if backend.websocket_refused:
-            return self.write_json({"status": "not_ready", "reason": "comfy_websocket_refused",
-                                    "breaker": backend.breaker.state.value}, 503)
-        self.write_json({"status": "ready", "breaker": backend.breaker.state.value})
+            return "comfy_websocket_refused"
+        return None
 
 
 def secret_ok(header: str, secret: str) -> bool:
@@ -112,10 +131,21 @@ def snapshot(state, detailed: bool) -> dict:
         "memory_usage": memory_usage(),
         "circuit_breaker_state": state.pool.default.breaker.state.value,
         "circuit_breakers": {b.name: b.breaker.state.value for b in state.pool},
+        "backends": {b.name: {"breaker": b.breaker.state.value, "jobs": state.tracker.placed_count(b.name),
+                              "labels": sorted(b.labels), "weight": b.weight,
+                              "capabilities": None if b.capabilities is None else {
+                                  "node_classes": len(b.capabilities.classes),
+                                  "model_files": sum(len(v) for v in b.capabilities.models.values()),
+                                  "comfyui_version": b.capabilities.comfyui_version,
+                                  "vram_total": b.capabilities.vram_total},
+                              **state.pool.scheduler.snapshot().get(b.name, {})}
+                     for b in state.pool},
         "queued_prompts": queued,
         "queued_prompts_total": sum(queued.values()),
         "event_loop_lag_seconds": round(state.loop_lag, 4),
     }
+    if state.templates is not None:
+        data["templates"] = state.templates.status()
     if detailed:
         data["sessions"] = [
             s.describe(now, {"upstream_connected": any(link.ready.is_set() for link in state.links.of(s.user_id)),

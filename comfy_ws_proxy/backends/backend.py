@@ -29,11 +29,18 @@ from tornado.iostream import StreamClosedError
 from tornado.tcpclient import TCPClient
 
 from .breaker import BreakerState, CircuitBreaker
+from .capabilities import Capabilities
 
 log = logging.getLogger(__name__)
 
 JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
 
+
+# A refresh of the capabilities after an upstream socket registers again happens at most this
+# often (after a ComfyUI restart, every user's socket comes back at once).
+REFRESH_MIN_S = 5.0
+CAPABILITIES_TIMEOUT_S = 60.0  # a real /object_info is several megabytes
+MAX_MODEL_FOLDERS = 64
 
 MAX_VIEW_BYTES = 1 << 40  # /view bodies are streamed, never held: no practical size limit
 
@@ -98,8 +105,19 @@ class Backend:
     def __init__(self, base_url: str, http_client: AsyncHTTPClient, *, name: str = "default",
                  connect_timeout: float = 5.0, request_timeout: float = 30.0, probe_timeout: float = 2.0,
                  breaker: CircuitBreaker | None = None, clock: Callable[[], float] = time.monotonic,
-                 probe_interval_ms: float = 500):  # how often a due probe is looked for
+                 probe_interval_ms: float = 500,  # how often a due probe is looked for
+                 weight: float = 1.0, labels: tuple[str, ...] = (), capabilities_refresh_s: float = 300.0):
         self.name = name
+        self.weight = weight  # its speed relative to the others, until measured
+        self.labels = frozenset(labels)
+        # What it can run (None until first learned), refreshed off the request path: at start,
+        # when its breaker closes, after an upstream socket registers again, and on a timer.
+        self.capabilities: Capabilities | None = None
+        self.capability_listeners: list[Callable[["Backend"], None]] = []
+        self._refreshing = False
+        self._refresh_again = False
+        self._refreshed_at: float | None = None
+        self._refresh_timer = PeriodicCallback(self.refresh_capabilities, capabilities_refresh_s * 1000)
         self.base_url = base_url.rstrip("/")
         parts = urlsplit(self.base_url)
         ws_scheme = "wss" if parts.scheme == "https" else "ws"
@@ -129,9 +147,74 @@ class Backend:
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         self._probe_timer.start()
+        self._refresh_timer.start()
+        self.breaker.listeners.append(self._breaker_moved)
+        self.refresh_capabilities()
 
     def stop(self) -> None:
         self._probe_timer.stop()
+        self._refresh_timer.stop()
+
+    # --- capabilities ----------------------------------------------------------------------
+    def _breaker_moved(self, old: BreakerState, new: BreakerState) -> None:
+        if new == BreakerState.CLOSED:
+            self.refresh_capabilities()  # it was away: it may have come back with other nodes
+
+    def upstream_registered(self) -> None:
+        """An upstream socket registered: after a ComfyUI restart it may have other nodes or
+        models. Many users' sockets come back together: one refresh per REFRESH_MIN_S."""
+        if self._refreshed_at is None or self.clock() - self._refreshed_at >= REFRESH_MIN_S:
+            self.refresh_capabilities()
+
+    def refresh_capabilities(self) -> None:
+        if self._refreshing:
+            self._refresh_again = True
+            return
+        self._refreshing = True
+        asyncio.ensure_future(self._refresh()).add_done_callback(self._refreshed)
+
+    def _refreshed(self, future: asyncio.Future) -> None:
+        self._refreshing = False
+        if not future.cancelled() and future.exception() is not None:
+            log.error("reading ComfyUI %s's capabilities failed", self.name, exc_info=future.exception())
+        if self._refresh_again:
+            self._refresh_again = False
+            self.refresh_capabilities()
+
+    async def _read(self, path: str, timeout: float | None = None) -> Any:
+        """A background read: it tells the breaker nothing either way (like a readiness check)."""
+        _, parsed = await self.call("GET", path, timeout=timeout, count_failures=False, observe=False)
+        return parsed
+
+    async def _refresh(self) -> None:
+        self._refreshed_at = self.clock()
+        timeout = max(self.request_timeout, CAPABILITIES_TIMEOUT_S)  # /object_info is megabytes
+        try:
+            info = await self._read("/object_info", timeout)
+            system = await self._read("/system_stats")
+        except (ComfyUnavailable, ComfyRejected) as e:
+            log.info("ComfyUI %s's capabilities not read now (%s)", self.name, e)
+            return
+        models: dict[str, frozenset] = {}
+        try:
+            folders = await self._read("/models")
+            for folder in (folders if isinstance(folders, list) else [])[:MAX_MODEL_FOLDERS]:
+                if isinstance(folder, str) and folder:
+                    files = await self._read("/models/" + quote(folder, safe=""))
+                    models[folder] = frozenset(f for f in files if isinstance(f, str)) \
+                        if isinstance(files, list) else frozenset()
+        except (ComfyUnavailable, ComfyRejected):
+            models = {}  # an older ComfyUI without /models: the list inputs still tell
+        if not isinstance(info, dict):
+            log.warning("ComfyUI %s answered /object_info with something that is not an object", self.name)
+            return
+        new = Capabilities(info, models, system if isinstance(system, dict) else {}, self.clock())
+        old, self.capabilities = self.capabilities, new
+        if old is None or old.fingerprint != new.fingerprint:
+            log.info("ComfyUI %s: %d node classes, %d model files, version %s", self.name, len(new.classes),
+                     sum(len(v) for v in models.values()), new.comfyui_version or "?")
+        for listener in list(self.capability_listeners):
+            listener(self)
 
     def add_breaker_listener(self, listener: Callable[[BreakerState, BreakerState], None]) -> None:
         self.breaker.listeners.append(listener)

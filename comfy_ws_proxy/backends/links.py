@@ -144,6 +144,8 @@ class LinkManager:
 
     def link_up(self, link: ComfyLink, reconnected: bool) -> None:
         link.backend.websocket_up_at = asyncio.get_running_loop().time()
+        if reconnected:
+            link.backend.upstream_registered()
         self.metrics.upstream_connections.inc()
         if reconnected:
             self.metrics.upstream_reconnects.inc()

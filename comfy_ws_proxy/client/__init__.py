@@ -396,6 +396,18 @@ class ProxyClient:
         """Submit a prompt (API format). Raises ProxyError at once if it is refused (by the
         proxy: ``rate_limited``, ``invalid_prompt``, ...; or by ComfyUI: ``invalid_prompt``
         with ``node_errors``). ``fields``: timeout_s, front, partial_execution_targets."""
+        return await self._submit({"prompt": prompt}, extra_data, prompt_id, timeout, fields)
+
+    async def submit_template(self, template: str, params: dict | None = None, *, extra_data: dict | None = None,
+                              prompt_id: str | None = None, timeout: float = 60, **fields) -> PromptHandle:
+        """Submit a workflow template by name with its parameters (docs/templates.rst); a
+        bad parameter raises ProxyError ``invalid_params`` (``details`` lists every one). The
+        parameters used, a drawn seed too, are in ``handle.accepted["template"]``."""
+        return await self._submit({"template": template, "params": params or {}}, extra_data, prompt_id, timeout,
+                                  fields)
+
+    async def _submit(self, what: dict, extra_data: dict | None, prompt_id: str | None, timeout: float,
+                      fields: dict) -> PromptHandle:
         prompt_id = prompt_id or str(uuid.uuid4())
         handle = PromptHandle(prompt_id)
         self.handles[prompt_id] = handle
@@ -403,7 +415,7 @@ class ProxyClient:
         if extra_data:
             data["extra_data"] = extra_data
         data.update(fields)
-        data["prompt"] = prompt
+        data.update(what)
         try:
             reply = await self._request("submit_prompt", data, prompt_id=prompt_id, timeout=timeout,
                                         survives_reconnect=True)

@@ -372,13 +372,16 @@ class ClientConnection(WebSocketHandler):
             self.registry.detach(self, self.session, self.ip)
 
     # --- writing -----------------------------------------------------------------------------
-    def send_text(self, text: str, kind_class: str) -> None:
-        self._write(text, kind_class)
+    def send_text(self, text: str, kind_class: str, on_sent: Callable[[], None] | None = None) -> None:
+        """``on_sent``: called once the frame is in the kernel's hands (then a crash of this
+        process no longer loses it); never if the connection fails first."""
+        self._write(text, kind_class, on_sent=on_sent)
 
     def send_binary(self, frame: bytes, kind_class: str) -> None:
         self._write(frame, kind_class, binary=True)
 
-    def _write(self, payload, kind_class: str, binary: bool = False) -> None:
+    def _write(self, payload, kind_class: str, binary: bool = False,
+               on_sent: Callable[[], None] | None = None) -> None:
         ws = self.ws_connection
         if self.closing or ws is None or ws.is_closing():
             return
@@ -417,6 +420,8 @@ class ClientConnection(WebSocketHandler):
             except OSError:
                 sent = 0  # a broken socket: IOStream.write below notices and closes the stream
             if sent == len(frame):
+                if on_sent is not None:
+                    on_sent()
                 return
             data = memoryview(frame)[sent:]
             header = b""
@@ -429,20 +434,21 @@ class ClientConnection(WebSocketHandler):
         except StreamClosedError:
             return  # on_close follows
         if future.done():  # the socket took it all at once (the usual case): nothing owed
-            if not future.cancelled():
-                future.exception()  # a stream closed meanwhile: on_close handles it
+            if not future.cancelled() and future.exception() is None and on_sent is not None:
+                on_sent()  # (an exception: a stream closed meanwhile; on_close handles it)
             return
         self.pending_bytes += size
         if large:
             self.large_bytes += size
-        future.add_done_callback(functools.partial(self._written, size, large))
+        future.add_done_callback(functools.partial(self._written, size, large, on_sent))
 
-    def _written(self, size: int, large: bool, future) -> None:
+    def _written(self, size: int, large: bool, on_sent, future) -> None:
         self.pending_bytes -= size
         if large:
             self.large_bytes -= size
-        if not future.cancelled():
-            future.exception()  # a closed stream: on_close handles it; mark the error as seen
+        # (an exception: a closed stream; on_close handles it; reading it marks it as seen)
+        if not future.cancelled() and future.exception() is None and on_sent is not None:
+            on_sent()
 
     def close_for_shutdown(self) -> None:
         if self.session is not None:

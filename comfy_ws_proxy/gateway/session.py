@@ -60,25 +60,25 @@ class Session:
         self.awaited: dict[str, Awaited] | None = None
 
     # --- what the jobs publish (JobSubscriber) --------------------------------------------------
-    def job_notice(self, job: Job, kind: str, data: dict) -> bool:
+    def job_notice(self, job: Job, kind: str, data: dict, on_sent=None) -> bool:
         """A proxy message about a job, to every connection and into the resume buffer. If it
         answers a connection's request (see await_answer), that connection's copy carries
         the request's ref (the others' and the buffer's do not: a ref means something only
-        to the connection that chose it)."""
+        to the connection that chose it). ``on_sent``: see JobSubscriber."""
         kind_class = "error" if kind == "error" else "control"
         awaited = self.awaited.get(job.job_id) if self.awaited else None
         if awaited is None or kind not in awaited.kinds:
-            return self._fan_out(protocol.encode(kind, data, self.next_seq()), kind_class, job.job_id)
+            return self._fan_out(protocol.encode(kind, data, self.next_seq()), kind_class, job.job_id, on_sent)
         del self.awaited[job.job_id]
         if awaited.ref is None:
-            return self._fan_out(protocol.encode(kind, data, self.next_seq()), kind_class, job.job_id)
+            return self._fan_out(protocol.encode(kind, data, self.next_seq()), kind_class, job.job_id, on_sent)
         seq = self.next_seq()
         text = protocol.encode(kind, data, seq)
         answer = protocol.encode(kind, data, seq, awaited.ref)
         self._keep(text, job.job_id)
         live = self.live
         for conn in live:
-            conn.send_text(answer if conn is awaited.conn else text, kind_class)
+            conn.send_text(answer if conn is awaited.conn else text, kind_class, on_sent)
         return bool(live)
 
     # --- answers to a connection's requests -----------------------------------------------------
@@ -102,11 +102,11 @@ class Session:
         del self.awaited[job_id]
         return True
 
-    def job_frame(self, job: Job | None, kind: str, frame) -> bool:
+    def job_frame(self, job: Job | None, kind: str, frame, on_sent=None) -> bool:
         """A ComfyUI frame, unchanged (JSON text gets a seq; binary goes as it came)."""
         if isinstance(frame, str):
             text = protocol.with_seq(frame, self.next_seq())
-            return self._fan_out(text, type_class(kind), job.job_id if job is not None else None)
+            return self._fan_out(text, type_class(kind), job.job_id if job is not None else None, on_sent)
         kind_class = "text" if kind == "text" else "preview"
         live = self.live
         for conn in live:
@@ -128,11 +128,11 @@ class Session:
         ``ref``: that of the client message it answers."""
         conn.send_text(protocol.encode(kind, data, self.next_seq(), ref), "error" if kind == "error" else "control")
 
-    def _fan_out(self, text: str, kind_class: str, job_id: str | None) -> bool:
+    def _fan_out(self, text: str, kind_class: str, job_id: str | None, on_sent=None) -> bool:
         self._keep(text, job_id)
         live = self.live  # (a tuple: a write that closes a slow client may change it meanwhile)
         for conn in live:
-            conn.send_text(text, kind_class)
+            conn.send_text(text, kind_class, on_sent)
         return bool(live)
 
     def _keep(self, text: str, job_id: str | None) -> None:

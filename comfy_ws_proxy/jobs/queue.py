@@ -99,7 +99,30 @@ def accepted_data(job: Job, *, queued: bool, node_errors: dict | None = None, **
     data = {"prompt_id": job.job_id, "number": None if queued else job.number, "node_errors": node_errors or {},
             "queued": queued}
     data.update({k: v for k, v in flags.items() if v})
+    if job.template is not None:
+        data["template"] = job.template  # {name, params}: the drawn seed too, to make it again
     return data
+
+
+def no_backend_data(job: Job, why: dict[str, list[str]]) -> dict:
+    """A job no backend can run, told like ComfyUI's own 400: a message naming what is missing
+    where, and node_errors per node (ComfyUI's shape: errors, dependent_outputs, class_type)."""
+    first = next(iter(why.values()), ["no backend can run it"])
+    detail = "; ".join(f"{name}: {', '.join(reasons)}" for name, reasons in why.items())
+    node_errors: dict = {}
+    prompt = (job.payload or {}).get("prompt") or {}
+    for reasons in why.values():
+        for reason in reasons:
+            node_id = reason.split(" ", 2)[1].rstrip(":") if reason.startswith("node ") else None
+            node = prompt.get(node_id) if node_id else None
+            if isinstance(node, dict) and node_id not in node_errors:
+                node_errors[node_id] = {"errors": [{"type": "no_backend", "message": "No backend can run this node",
+                                                    "details": reason, "extra_info": {}}],
+                                        "dependent_outputs": [], "class_type": node.get("class_type")}
+    error = {"type": "no_backend", "message": "No backend can run this prompt", "details": detail[:2000],
+             "extra_info": {}}
+    return {"code": ErrorCode.INVALID_PROMPT, "message": f"No backend can run this prompt ({first[0]})",
+            "prompt_id": job.job_id, "status": 400, "error": error, "node_errors": node_errors}
 
 
 def rejection_data(job: Job, e: ComfyRejected) -> dict:
@@ -140,8 +163,13 @@ class JobQueue:
     def _job_changed(self, job: Job, old: str) -> None:
         if job.state == JobState.QUEUED and old != JobState.QUEUED:
             self.fair.add(job.owner, job.job_id, job.order)
+            job.queued_since = self.clock()
         elif old == JobState.QUEUED and job.state != JobState.QUEUED:
             self.fair.remove(job.owner, job.job_id)
+        if job.state == JobState.RUNNING and old != JobState.RUNNING:
+            self.pool.job_started(job)
+        elif old == JobState.RUNNING and job.finished:
+            self.pool.job_ended(job, job.state == JobState.SUCCESS)
         self.metrics.queued_prompts.set(len(self.fair))
 
     def stop(self) -> None:
@@ -151,9 +179,16 @@ class JobQueue:
 
     # --- submit ---------------------------------------------------------------------------------
     async def submit(self, job: Job) -> None:
-        """A new job: straight to a backend when nothing of its owner waits before it and one
-        can take it now; otherwise into the queue (its owner is told ``queued``)."""
-        backend = (self.pool.place(self.tracker.placed_count)
+        """A new job: refused at once if no backend can run it; straight to a backend when
+        nothing of its owner waits before it and one can take it now; otherwise into the
+        queue (its owner is told ``queued``)."""
+        job.queued_since = self.clock()
+        possible, why = self.pool.runnable(job)
+        if not possible:
+            self.tracker.add(job)
+            self.refuse(job, why)
+            return
+        backend = (self.pool.place(job, self.tracker.held_by, self.clock())
                    if not self.fair.size(job.owner) and not self.owner_full(job.owner) else None)
         link = self.links.get(job.owner, backend.name) if backend is not None else None
         if link is None or not link.ready.is_set():
@@ -167,9 +202,17 @@ class JobQueue:
         log.info("prompt submit user=%s prompt=%s nodes=%d", job.owner, job.job_id, len(job.payload["prompt"]))
         await self.post(job, backend, link, announced=False)
 
+    def refuse(self, job: Job, why: dict[str, list[str]]) -> None:
+        """No backend can run this job (every backend's capabilities are known): it ends now,
+        in ComfyUI's 400 shape, saying what each backend lacks."""
+        self.metrics.prompts.labels("rejected").inc()
+        log.info("prompt refused, no backend can run it user=%s prompt=%s", job.owner, job.job_id)
+        self.tracker.end_without_running(job, JobState.REJECTED, "error", no_backend_data(job, why))
+
     def owner_full(self, owner: str) -> bool:
-        """ComfyUI holds as many of this owner's jobs as it may (MAX_COMFY_JOBS_PER_USER)."""
-        return bool(self.per_owner) and self.tracker.placed_by_owner[owner] >= self.per_owner
+        """The backends hold as many of this owner's jobs as they may (MAX_COMFY_JOBS_PER_USER
+        per backend: one user alone may keep every GPU busy, never fill a ComfyUI's queue)."""
+        return bool(self.per_owner) and self.tracker.placed_by_owner[owner] >= self.per_owner * len(self.pool)
 
     def announce_queued(self, job: Job) -> None:
         self.metrics.prompts.labels("queued").inc()
@@ -178,6 +221,7 @@ class JobQueue:
 
     async def post(self, job: Job, backend: Backend, link: ComfyLink, *, announced: bool = True,
                    resubmitted: bool = False) -> bool:
+        moved = bool(job.backend) and job.backend != backend.name and job.attempts > 0
         """POST one job. True when ComfyUI answered (accepted or rejected), False when it is
         unavailable (the job is back in the queue; its owner is told once)."""
         payload = job.payload or {}
@@ -190,12 +234,12 @@ class JobQueue:
         self.tracker.move(job, JobState.SUBMITTING, backend=backend.name, attempts=job.attempts + 1)
         self.tracker.hold(job)
         try:
-            return await self._post_held(job, backend, link, body, announced, resubmitted)
+            return await self._post_held(job, backend, link, body, announced, resubmitted, moved)
         finally:
             self.tracker.release(job)  # whatever happened, held frames go out (after our reply)
 
     async def _post_held(self, job: Job, backend: Backend, link: ComfyLink, body: dict, announced: bool,
-                         resubmitted: bool) -> bool:
+                         resubmitted: bool, moved: bool = False) -> bool:
         started = self.clock()
         sent_at = asyncio.get_running_loop().time()  # the link's status times are loop times
         try:
@@ -254,10 +298,12 @@ class JobQueue:
         self.metrics.prompts.labels("accepted").inc()
         if resubmitted:
             self.metrics.prompts.labels("resubmitted").inc()
-        log.info("prompt accepted user=%s prompt=%s number=%s resubmitted=%s", job.owner, job.job_id, number,
-                 resubmitted)
+        if moved:
+            self.metrics.prompts.labels("moved").inc()
+        log.info("prompt accepted user=%s prompt=%s backend=%s number=%s resubmitted=%s moved=%s", job.owner,
+                 job.job_id, backend.name, number, resubmitted, moved)
         self.tracker.notify(job, "prompt_accepted", accepted_data(
-            job, queued=False, node_errors=result.get("node_errors", {}), resubmitted=resubmitted))
+            job, queued=False, node_errors=result.get("node_errors", {}), resubmitted=resubmitted, moved=moved))
         self.links.expect_status(link, sent_at)
         return True
 
@@ -294,11 +340,12 @@ class JobQueue:
             self.kick()
 
     async def _drain(self) -> None:
-        """Round-robin across owners, one job each per round, FIFO per owner. A job whose last
-        POST has an unknown outcome holds its owner's turn until the reconciler has asked."""
+        """Round-robin across owners, one job each per round, FIFO per owner; each job goes to
+        the backend the pool picks for it now (or waits). A job whose last POST has an
+        unknown outcome holds its owner's turn until the reconciler has asked."""
         while True:
             owners = self.fair.owners()
-            if not owners or self.pool.place(self.tracker.placed_count) is None:
+            if not owners or not self.pool.any_room(self.tracker.placed_count):
                 return
             progressed = False
             await self._links_up(owners)
@@ -306,11 +353,17 @@ class JobQueue:
                 job = self.tracker.get(self.fair.head(owner) or "")
                 if job is None or job.outcome_unknown or self.owner_full(owner):
                     continue  # (a finished job of theirs kicks the queue again)
-                backend = self.pool.place(self.tracker.placed_count)
+                possible, why = self.pool.runnable(job)
+                if not possible:  # (capabilities learned since it was queued)
+                    self.refuse(job, why)
+                    progressed = True
+                    continue
+                backend = self.pool.place(job, self.tracker.held_by, self.clock())
                 if backend is None:
-                    return
+                    continue  # nothing that can run it has room now (or it waits for a better one)
                 link = self.links.ensure(owner, backend)
                 if not link.ready.is_set():
+                    link.wake()
                     continue  # its link is (re)connecting; link_up kicks again
                 self.fair.rotate(owner)  # served: to the back of the round-robin
                 if not await self.post(job, backend, link, resubmitted=job.attempts > 0):
@@ -320,16 +373,21 @@ class JobQueue:
                 return
 
     async def _links_up(self, owners: list[str]) -> None:
-        backend = self.pool.place(self.tracker.placed_count)
-        if backend is None:
-            return
+        """Open the links this round will use, and wait a moment for them, so that an owner
+        whose link comes up a moment later keeps their turn."""
         waits = []
         for owner in owners:
+            job = self.tracker.get(self.fair.head(owner) or "")
+            if job is None:
+                continue
+            backend = self.pool.place(job, self.tracker.held_by, self.clock(), commit=False)
+            if backend is None:
+                continue
             link = self.links.ensure(owner, backend)
             if not link.ready.is_set():
                 link.wake()
-                waits.append(asyncio.ensure_future(link.ready.wait()))
+                waits.append((asyncio.ensure_future(link.ready.wait()), backend.connect_timeout))
         if waits:
-            await asyncio.wait(waits, timeout=min(LINKS_UP_WAIT_S, backend.connect_timeout))
-            for w in waits:
+            await asyncio.wait([w for w, _ in waits], timeout=min(LINKS_UP_WAIT_S, *(t for _, t in waits)))
+            for w, _ in waits:
                 w.cancel()

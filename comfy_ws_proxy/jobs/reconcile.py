@@ -72,6 +72,11 @@ class Reconciler:
         self.clock = clock
         self.watchdog_after = settings.job_watchdog_s
         self.resubmit_unknown = settings.resubmit_unknown
+        self.failover_after = settings.failover_after_s
+        self.down_since: dict[str, float] = {}  # backend -> since when its breaker is not closed
+        self._fencing: dict[str, asyncio.Future] = {}  # job id -> taking it out of a fenced backend
+        for backend in pool:
+            backend.add_breaker_listener(lambda old, new, b=backend: self._breaker_moved(b, new))
         self._timer = PeriodicCallback(self.tick, WATCHDOG_TICK_S * 1000)
         self.retry: set[str] = set()  # jobs ComfyUI could not be asked about yet
         self.asking: dict[str, asyncio.Future] = {}  # job id -> the question in flight
@@ -93,6 +98,7 @@ class Reconciler:
                 self.ask(job)
             backend = self.pool.get(job.backend) or self.pool.default
             self.links.ensure(job.owner, backend)
+        self._enforce_fences()
         self.queue.kick()
 
     def stop(self) -> None:
@@ -100,7 +106,7 @@ class Reconciler:
         self._timer.stop()
         if self._retry_handle is not None:
             self._retry_handle.cancel()
-        for task in [*self.asking.values(), *self._interrupts]:
+        for task in [*self.asking.values(), *self._interrupts, *self._fencing.values()]:
             task.cancel()
 
     @property
@@ -122,6 +128,10 @@ class Reconciler:
     def link_down(self, link: ComfyLink) -> None:
         for job in self.tracker.in_comfy(link.owner, link.backend.name):
             job.gap = True  # what ComfyUI sends it now is lost
+            if len(self.pool) > 1:
+                # Is that backend gone? Asking now tells its breaker soon (a failover needs it),
+                # rather than at the next watchdog round.
+                self.ask(job)
         self.changed()
 
     def tick(self) -> None:
@@ -137,7 +147,78 @@ class Reconciler:
                 self.ask(job)
             if job.state == JobState.RUNNING:
                 self._enforce_time_limit(job)
+            if self.down_since and (job.state in JobState.IN_COMFY or job.outcome_unknown):
+                since = self.down_since.get(job.backend)
+                if since is not None and now - since >= self.failover_after and len(self.pool) > 1:
+                    self._move_away(job)
+        self._enforce_fences()
         self.queue.kick()
+
+    # --- failover -------------------------------------------------------------------------------
+    def _breaker_moved(self, backend: Backend, new) -> None:
+        if new.value == "closed":
+            self.down_since.pop(backend.name, None)
+            self._enforce_fences()
+        else:
+            self.down_since.setdefault(backend.name, self.clock())
+
+    def _move_away(self, job: Job) -> None:
+        """Its backend has been unreachable for FAILOVER_AFTER_S: the job goes to another one,
+        and is fenced on the old one (it may still hold it)."""
+        old = job.backend
+        may_have_run = job.gap or job.state == JobState.RUNNING
+        if may_have_run and not self.resubmit_unknown:
+            log.warning("prompt's backend unreachable after it may have run, not sent again user=%s prompt=%s "
+                        "backend=%s", job.owner, job.job_id, old)
+            self.tracker.end_without_running(job, JobState.LOST, "error", {
+                "code": ErrorCode.OUTCOME_UNKNOWN, "prompt_id": job.job_id,
+                "message": f"Backend {old} has been unreachable for {self.failover_after:g} s while it may have run "
+                           "this prompt; it was not sent again"})
+            return
+        log.warning("prompt moved off unreachable backend user=%s prompt=%s backend=%s state=%s", job.owner,
+                    job.job_id, old, job.state)
+        job.gap = job.final_seen = False
+        fenced = job.fenced if old in job.fenced else (*job.fenced, old)
+        self.tracker.move(job, JobState.QUEUED, outcome_unknown=False, fenced=fenced)
+        self.queue.metrics.prompts.labels("fenced").inc()
+        self.queue.kick()
+
+    def _enforce_fences(self) -> None:
+        """Take every fenced job out of each fenced backend that can be asked again: delete it
+        from that ComfyUI's queue, interrupt it if it runs there, and lift the fence once that
+        ComfyUI no longer holds it. (Until then nothing it says about the job is delivered.)"""
+        for job in list(self.tracker.jobs.values()):
+            if not job.fenced or job.job_id in self._fencing or self._stopped:
+                continue
+            backends = [self.pool.get(name) for name in job.fenced]
+            if not any(b is not None and b.available for b in backends):
+                continue
+            task = asyncio.ensure_future(self._unfence(job))
+            self._fencing[job.job_id] = task
+            task.add_done_callback(lambda t, job_id=job.job_id: self._fenced_done(job_id, t))
+
+    def _fenced_done(self, job_id: str, task: asyncio.Future) -> None:
+        self._fencing.pop(job_id, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("lifting a fence of prompt %s failed", job_id, exc_info=task.exception())
+
+    async def _unfence(self, job: Job) -> None:
+        for name in job.fenced:
+            backend = self.pool.get(name)
+            if backend is None:  # no longer configured: it can deliver nothing
+                self.tracker.move(job, job.state, fenced=tuple(n for n in job.fenced if n != name))
+                continue
+            if not backend.available:
+                continue
+            try:
+                await backend.delete_queued(job.job_id)
+                await backend.interrupt(job.job_id)  # (by prompt id: never someone else's run)
+            except (ComfyUnavailable, ComfyRejected):
+                continue
+            answer = await locate(backend, job.job_id)
+            if answer is not None and answer[0] in ("absent", "history"):
+                log.info("fence lifted prompt=%s backend=%s (%s there)", job.job_id, name, answer[0])
+                self.tracker.move(job, job.state, fenced=tuple(n for n in job.fenced if n != name))
 
     def ask(self, job: Job) -> None:
         """Find out where the job is and act on it; one question per job at a time. Asked

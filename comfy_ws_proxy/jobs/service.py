@@ -31,6 +31,8 @@ from ..store import StoreError
 from .isolation import UserIsolation
 from .queue import JobQueue
 from .reconcile import Reconciler, locate
+from .submission import check_prompt
+from .templates import TemplateRegistry
 from .tracker import JobTracker
 from .webhooks import WebhookSender
 
@@ -66,8 +68,10 @@ class TokenBucket:
 class JobService:
     def __init__(self, tracker: JobTracker, queue: JobQueue, reconciler: Reconciler, pool: BackendPool,
                  links: LinkManager, metrics: Metrics, settings, clock: Callable[[], float],
-                 isolation: UserIsolation | None = None, webhooks: WebhookSender | None = None):
+                 isolation: UserIsolation | None = None, webhooks: WebhookSender | None = None,
+                 templates: TemplateRegistry | None = None):
         self.tracker = tracker
+        self.templates = templates
         self.isolation = isolation
         self.webhooks = webhooks
         self.queue = queue
@@ -90,6 +94,7 @@ class JobService:
         for backend in pool:
             backend.add_breaker_listener(lambda old, new, b=backend: self._breaker_changed(b, new))
             backend.unreachable_listeners.append(lambda since, b=backend: links.backend_unreachable(b, since))
+            backend.capability_listeners.append(lambda b: queue.kick())  # placeable now, or impossible
 
     def start(self) -> None:
         self._cleanup_timer.start()
@@ -126,6 +131,8 @@ class JobService:
             webhook_url = await self.webhooks.check(request.webhook_url, job_id)  # (it may resolve a name)
         elif request.webhook_url:
             raise RequestError(ErrorCode.INVALID_MESSAGE, "webhook_url cannot be used here", prompt_id=job_id)
+        if request.template is not None:  # (before the checks below: it may wait for a file's stat)
+            request = await self._render(owner, request, job_id)
         if self.tracker.id_taken(job_id):
             # Never reveal whose it is; never let a client attach to another user's job.
             raise RequestError(ErrorCode.INVALID_MESSAGE, "prompt_id is already in use", prompt_id=job_id)
@@ -142,10 +149,28 @@ class JobService:
                   updated_at=self.tracker.wall(), timeout_s=self._time_limit(request), webhook_url=webhook_url)
         job.last_heard = now
         job.nodes_total = len(request.prompt)
+        if request.template is not None:
+            job.template = {"name": request.template, "params": request.params}
         if answer_for is not None:
             job.answer = answer_for(job)
         await self.queue.submit(job)
         return job
+
+    async def _render(self, owner: str, request: SubmitRequest, job_id: str) -> SubmitRequest:
+        """The request with its template's prompt and its resolved parameters (every one,
+        drawn seeds included); the prompt is checked like a client's own."""
+        try:
+            if self.templates is None:
+                raise RequestError(ErrorCode.UNKNOWN_TEMPLATE, "No templates are served here (TEMPLATES_DIR)",
+                                   details={"template": request.template[:64]})
+            rendered = await self.templates.render(owner, request.template, request.params)
+            check_prompt(rendered.prompt, self.settings.max_prompt_nodes, self.settings.node_allowlist)
+        except RequestError as e:
+            e.prompt_id = job_id
+            raise
+        return dataclasses.replace(request, prompt=rendered.prompt, params=rendered.params,
+                                   partial_execution_targets=request.partial_execution_targets
+                                   or (list(rendered.outputs) or None))
 
     # --- the HTTP face's questions ---------------------------------------------------------------
     async def wait_finished(self, job: Job, timeout: float) -> None:
@@ -274,9 +299,11 @@ class JobService:
 
     # --- the owner's links ----------------------------------------------------------------------
     async def wait_ready(self, owner: str, timeout: float) -> bool:
-        """Open the owner's link to the default backend (a socket of theirs just opened) and
-        wait until ComfyUI registered it, or the first attempt failed, or ``timeout``."""
-        link = self.links.ensure(owner, self.pool.default)
+        """Open the owner's link to a backend that is up (a socket of theirs just opened) and
+        wait until ComfyUI registered it, or the first attempt failed, or ``timeout``. (Links
+        to the other backends open when a job of theirs is placed there.)"""
+        backend = next((b for b in self.pool if b.available), self.pool.default)
+        link = self.links.ensure(owner, backend)
         return await link.wait_ready(timeout)
 
     def owner_left(self, owner: str) -> None:

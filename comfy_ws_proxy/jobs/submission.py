@@ -7,27 +7,29 @@ from ..model import ErrorCode, RequestError, SubmitRequest, is_canonical_uuid
 
 MAX_TIMEOUT_S = 7 * 24 * 3600  # a job's own time limit: a week at most
 MAX_URL = 2048
+MAX_LABELS = 16  # backend labels one job may require
 
 
 def parse_submit(data: dict, max_prompt_nodes: int, node_allowlist: tuple[str, ...]) -> SubmitRequest:
-    """A submission's fields (``{prompt, prompt_id?, extra_data?, ...}``), checked alike for
-    every face. Raises RequestError with a stable code."""
-    prompt = data.get("prompt")
-    if not isinstance(prompt, dict) or not prompt:
-        raise RequestError(ErrorCode.INVALID_MESSAGE, "submit_prompt needs a non-empty object 'prompt'")
-    if len(prompt) > max_prompt_nodes:
-        raise RequestError(ErrorCode.INVALID_PROMPT,
-                            f"Prompt has {len(prompt)} nodes; the limit is {max_prompt_nodes}",
-                            details={"limit": max_prompt_nodes, "nodes": len(prompt)})
-    for node_id, node in prompt.items():
-        if not isinstance(node, dict):
-            raise RequestError(ErrorCode.INVALID_PROMPT, f"Node {node_id[:64]!r} must be an object")
-        if node_allowlist:
-            class_type = node.get("class_type")
-            if class_type not in node_allowlist:
-                raise RequestError(ErrorCode.INVALID_PROMPT,
-                                    f"Node type {str(class_type)[:64]!r} is not allowed here",
-                                    details={"node_id": node_id[:64]})
+    """A submission's fields (``{prompt, prompt_id?, extra_data?, ...}``, or ``{template,
+    params?, ...}`` instead of the prompt), checked alike for every face. Raises RequestError
+    with a stable code. A template is rendered (and its prompt checked) by the job service."""
+    template = data.get("template")
+    params = data.get("params")
+    if template is not None:
+        if "prompt" in data:
+            raise RequestError(ErrorCode.INVALID_MESSAGE, "Give either 'prompt' or 'template', not both")
+        if not isinstance(template, str) or not template:
+            raise RequestError(ErrorCode.INVALID_MESSAGE, "'template' must be a template's name (GET /templates)")
+        if params is not None and not isinstance(params, dict):
+            raise RequestError(ErrorCode.INVALID_PARAMS, "'params' must be an object (parameter name -> value)",
+                               details={"template": template[:64], "errors": []})
+        prompt = {}
+    else:
+        if params is not None:
+            raise RequestError(ErrorCode.INVALID_MESSAGE, "'params' goes with 'template'")
+        prompt = data.get("prompt")
+        check_prompt(prompt, max_prompt_nodes, node_allowlist)
     prompt_id = data.get("prompt_id")
     if prompt_id is not None and not is_canonical_uuid(prompt_id):
         raise RequestError(ErrorCode.INVALID_MESSAGE, "prompt_id must be a lowercase hyphenated UUID")
@@ -55,5 +57,30 @@ def parse_submit(data: dict, max_prompt_nodes: int, node_allowlist: tuple[str, .
             raise RequestError(ErrorCode.INVALID_MESSAGE,
                                f"webhook_url must be an http(s) URL of at most {MAX_URL} characters, without "
                                "credentials")
+    labels = data.get("labels")
+    if labels is not None and (not isinstance(labels, list) or len(labels) > MAX_LABELS
+                               or not all(isinstance(x, str) and 0 < len(x) <= 64 for x in labels)):
+        raise RequestError(ErrorCode.INVALID_MESSAGE, f"labels must be a list of at most {MAX_LABELS} backend labels")
     return SubmitRequest(prompt, prompt_id, extra_data, targets, front,
-                         float(timeout_s) if timeout_s is not None else None, webhook_url)
+                         float(timeout_s) if timeout_s is not None else None, webhook_url,
+                         template if template is not None else None, params if template is not None else None,
+                         tuple(labels or ()))
+
+
+def check_prompt(prompt, max_prompt_nodes: int, node_allowlist: tuple[str, ...]) -> None:
+    """A prompt's size and node types (a client's own, or a template's once rendered)."""
+    if not isinstance(prompt, dict) or not prompt:
+        raise RequestError(ErrorCode.INVALID_MESSAGE, "submit_prompt needs a non-empty object 'prompt'")
+    if len(prompt) > max_prompt_nodes:
+        raise RequestError(ErrorCode.INVALID_PROMPT,
+                            f"Prompt has {len(prompt)} nodes; the limit is {max_prompt_nodes}",
+                            details={"limit": max_prompt_nodes, "nodes": len(prompt)})
+    for node_id, node in prompt.items():
+        if not isinstance(node, dict):
+            raise RequestError(ErrorCode.INVALID_PROMPT, f"Node {node_id[:64]!r} must be an object")
+        if node_allowlist:
+            class_type = node.get("class_type")
+            if class_type not in node_allowlist:
+                raise RequestError(ErrorCode.INVALID_PROMPT,
+                                    f"Node type {str(class_type)[:64]!r} is not allowed here",
+                                    details={"node_id": node_id[:64]})

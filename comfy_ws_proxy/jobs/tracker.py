@@ -32,8 +32,12 @@ UNFINISHED = JobState.UNFINISHED
 
 
 class JobSubscriber(Protocol):
-    def job_notice(self, job: Job, kind: str, data: dict) -> bool: ...
-    def job_frame(self, job: Job | None, kind: str, frame: str | bytes | bytearray) -> bool: ...
+    """Returns True when a live socket was given the message. ``on_sent``, if given, is called
+    (at once or later, maybe more than once) when one socket's kernel has the message's bytes:
+    from then on a crash of this process no longer loses it, so an outcome counts as told."""
+    def job_notice(self, job: Job, kind: str, data: dict, on_sent: Callable[[], None] | None = None) -> bool: ...
+    def job_frame(self, job: Job | None, kind: str, frame: str | bytes | bytearray,
+                  on_sent: Callable[[], None] | None = None) -> bool: ...
 
 
 def replayed(kind: str, data: dict) -> str:
@@ -59,7 +63,7 @@ class JobTracker:
         self.wall = wall    # epoch seconds: the stored timestamps
         self.jobs: dict[str, Job] = {}
         self.by_owner: dict[str, dict[str, Job]] = {}
-        self.placed = Counter()  # backend name -> our jobs it holds (submitting, pending, running)
+        self.placed: dict[str, dict[str, Job]] = {}  # backend -> our jobs it holds (submitting, pending, running)
         self.placed_by_owner = Counter()  # owner -> their jobs the backends hold
         self.subscribers: dict[str, set[JobSubscriber]] = {}
         # Jobs whose latest state the store could not take (disk full...): kept in memory, the
@@ -92,7 +96,7 @@ class JobTracker:
         self.jobs[job.job_id] = job
         self.by_owner.setdefault(job.owner, {})[job.job_id] = job
         if job.state in PLACED:
-            self.placed[job.backend] += 1
+            self.placed.setdefault(job.backend, {})[job.job_id] = job
             self.placed_by_owner[job.owner] += 1
 
     # --- reads ----------------------------------------------------------------------------------
@@ -140,7 +144,11 @@ class JobTracker:
                 and (backend is None or j.backend == backend)]
 
     def placed_count(self, backend: str) -> int:
-        return self.placed[backend]
+        return len(self.placed.get(backend, ()))
+
+    def held_by(self, backend: str) -> list[Job]:
+        """Our jobs that backend holds (or is being sent), oldest first."""
+        return list(self.placed.get(backend, {}).values())
 
     def waiting_count(self, owner: str) -> int:
         """The owner's jobs held by the proxy: queued, or taken from the queue for a POST."""
@@ -168,7 +176,7 @@ class JobTracker:
         """Every change of a job's durable state goes through here."""
         old = job.state
         if old in PLACED:
-            self.placed[job.backend] -= 1
+            self.placed.get(job.backend, {}).pop(job.job_id, None)
             self.placed_by_owner[job.owner] -= 1
             if not self.placed_by_owner[job.owner]:
                 del self.placed_by_owner[job.owner]
@@ -182,7 +190,7 @@ class JobTracker:
             if job.webhook_url and self.webhook_message is not None:
                 job.outbox = self.webhook_message(job)
         if state in PLACED:
-            self.placed[job.backend] += 1
+            self.placed.setdefault(job.backend, {})[job.job_id] = job
             self.placed_by_owner[job.owner] += 1
         self.save(job)
         self._changed(job, old)
@@ -263,26 +271,39 @@ class JobTracker:
             if not subs:
                 del self.subscribers[owner]
 
-    def notify(self, job: Job, kind: str, data: dict) -> bool:
+    def notify(self, job: Job, kind: str, data: dict, on_sent: Callable[[], None] | None = None) -> bool:
         """A proxy message about ``job`` to every subscriber of its owner."""
         delivered = False
         for sub in list(self.subscribers.get(job.owner, ())):
-            delivered = sub.job_notice(job, kind, data) or delivered
+            delivered = sub.job_notice(job, kind, data, on_sent) or delivered
         return delivered
 
-    def _publish_frame(self, job: Job | None, owner: str, kind: str, frame) -> bool:
+    def _publish_frame(self, job: Job | None, owner: str, kind: str, frame,
+                       on_sent: Callable[[], None] | None = None) -> bool:
         delivered = False
         for sub in list(self.subscribers.get(owner, ())):
-            delivered = sub.job_frame(job, kind, frame) or delivered
+            delivered = sub.job_frame(job, kind, frame, on_sent) or delivered
         return delivered
 
     def _deliver(self, job: Job, kind: str, frame) -> None:
         if job.holding:
             job.held.append((kind, frame))
             return
-        if self._publish_frame(job, job.owner, kind, frame) and kind in FINAL_EVENTS and not job.told:
-            job.told = True
-            self.save(job)
+        if kind in FINAL_EVENTS and not job.told:
+            self._publish_frame(job, job.owner, kind, frame, self._told_callback(job))
+        else:
+            self._publish_frame(job, job.owner, kind, frame)
+
+    def _told_callback(self, job: Job) -> Callable[[], None]:
+        """Marks the job's outcome told once a socket's kernel has it, not when it is queued
+        in this process: a crash before the bytes left would otherwise lose an outcome that
+        is no longer owed (the resume buffer dies with the process)."""
+        def told() -> None:
+            if not job.told:
+                job.told = True
+                if self.jobs.get(job.job_id) is job:  # (not once it was forgotten)
+                    self.save(job)
+        return told
 
     def hold(self, job: Job) -> None:
         job.holding = True
@@ -321,6 +342,8 @@ class JobTracker:
         job = self.jobs.get(routed.job_id) if routed.job_id else None
         if job is None:
             return
+        if backend != job.backend or job.fenced and backend in job.fenced:
+            return  # a backend it was moved away from: what it says about the job is never delivered
         job.last_heard = self.clock()
         kind = routed.kind
         if job.state not in UNFINISHED:  # (job.finished, without the property's call: hot path)
@@ -400,8 +423,8 @@ class JobTracker:
 
     def end_without_running(self, job: Job, state: str, kind: str, data: dict) -> None:
         """Cancelled or rejected: the owner hears it from us, not from ComfyUI."""
-        told = self.notify(job, kind, data)
-        self.move(job, state, outcome_unknown=False, result=data, told=told)
+        self.notify(job, kind, data, self._told_callback(job))
+        self.move(job, state, outcome_unknown=False, result=data)
         self.metrics.prompts.labels(state).inc()
         log.info("prompt %s user=%s prompt=%s", state, job.owner, job.job_id)
 
@@ -434,15 +457,17 @@ class JobTracker:
 
     def deliver_owed(self, owner: str, subscriber: JobSubscriber) -> list[str]:
         """Give ``subscriber`` (a socket that just opened) every outcome its owner is owed:
-        outputs, final event, end marker, all marked ``replayed``. Returns their job ids."""
+        outputs, final event, end marker, all marked ``replayed``. Returns their job ids (each
+        is told once the socket's kernel has it)."""
         delivered = []
         for job in self.owed(owner):
             job_id = job.job_id
             data = job.result or {"prompt_id": job_id}
+            told = self._told_callback(job)
             if job.state == JobState.CANCELLED:
-                ok = subscriber.job_notice(job, "prompt_cancelled", {"prompt_id": job_id, "replayed": True})
+                ok = subscriber.job_notice(job, "prompt_cancelled", {"prompt_id": job_id, "replayed": True}, told)
             elif job.state in (JobState.REJECTED, JobState.LOST):
-                ok = subscriber.job_notice(job, "error", {**data, "replayed": True})
+                ok = subscriber.job_notice(job, "error", {**data, "replayed": True}, told)
             else:
                 for node_id, output in job.outputs.items():
                     subscriber.job_frame(job, "executed", replayed("executed", {
@@ -451,11 +476,9 @@ class JobTracker:
                     subscriber.job_notice(job, "prompt_timed_out", {"prompt_id": job_id, "timeout_s": job.timeout_s,
                                                                     "replayed": True})
                 kind = FINAL_EVENT_OF[job.state]
-                ok = subscriber.job_frame(job, kind, replayed(kind, data))
+                ok = subscriber.job_frame(job, kind, replayed(kind, data), told)
                 subscriber.job_frame(job, "executing", replayed("executing", {"node": None, "prompt_id": job_id}))
             if ok:
-                job.told = True
-                self.save(job)
                 delivered.append(job_id)
         return delivered
 

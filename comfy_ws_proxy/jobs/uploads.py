@@ -20,6 +20,7 @@ from ..model import Job
 
 # name -> content type; the folder of a name is checked against the job's owner
 REFERENCE = re.compile(r"^(u_[0-9a-f]{24})/([0-9a-f]{64}\.(?:png|jpg|gif|webp))(?: \[input\])?$")
+NAME = re.compile(r"^[0-9a-f]{64}\.(?:png|jpg|gif|webp)$")  # an upload's name, as put() returns it
 CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "gif": "image/gif", "webp": "image/webp"}
 
 
@@ -71,6 +72,16 @@ class UploadStore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(partial, path)  # never half a file under the final name
+
+    async def reference(self, owner: str, name: str) -> str | None:
+        """The input value that names the owner's upload ``name`` (``u_<folder>/<name>``), or
+        None when they uploaded no such file (another user's upload answers the same)."""
+        if not NAME.match(name):
+            return None
+        folder = self.folder_of(owner)
+        path = os.path.join(self.root, folder, name)
+        found = await asyncio.get_running_loop().run_in_executor(None, os.path.isfile, path)
+        return f"{folder}/{name}" if found else None
 
     def _read(self, folder: str, name: str) -> bytes | None:
         try:

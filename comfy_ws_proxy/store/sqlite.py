@@ -81,11 +81,11 @@ CREATE TABLE IF NOT EXISTS client_ids (
 # outcomes were tracked count as told: their owners were sent them then.
 _ADDED = (("started_at", "REAL"), ("finished_at", "REAL"), ("timeout_s", "REAL NOT NULL DEFAULT 0"),
           ("outputs", "TEXT"), ("result", "TEXT"), ("told", "INTEGER NOT NULL DEFAULT 1"),
-          ("webhook_url", "TEXT NOT NULL DEFAULT ''"))
+          ("webhook_url", "TEXT NOT NULL DEFAULT ''"), ("template", "TEXT"), ("fenced", "TEXT NOT NULL DEFAULT ''"))
 
 _COLUMNS = ("prompt_id", "user_id", "state", "payload", "created_at", "updated_at", "ord", "number",
             "attempts", "outcome_unknown", "backend", "started_at", "finished_at", "timeout_s", "outputs",
-            "result", "told", "webhook_url")
+            "result", "told", "webhook_url", "template", "fenced")
 _INSERT = (f"INSERT OR REPLACE INTO prompts ({', '.join(_COLUMNS)}) "
            f"VALUES ({', '.join('?' * len(_COLUMNS))})")
 
@@ -174,11 +174,13 @@ class SqliteJobStore:
         jobs = []
         for row in self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM prompts ORDER BY ord"):
             (job_id, owner, state, payload, created, updated, order, number, attempts, unknown, backend,
-             started, finished, timeout_s, outputs, result, told, webhook_url) = row
+             started, finished, timeout_s, outputs, result, told, webhook_url, template, fenced) = row
             jobs.append(Job(job_id, owner, state, json.loads(payload) if payload else None, created, updated,
                             order, number, attempts, bool(unknown), backend or "", started, finished,
                             timeout_s or 0.0, json.loads(outputs) if outputs else {},
-                            json.loads(result) if result else None, bool(told), webhook_url or ""))
+                            json.loads(result) if result else None, bool(told), webhook_url or "",
+                            template=json.loads(template) if template else None,
+                            fenced=tuple(name for name in (fenced or "").split(",") if name)))
         return jobs
 
     def insert(self, job: Job, answer: "IdempotentAnswer | None" = None) -> None:
@@ -221,7 +223,8 @@ class SqliteJobStore:
     def save(self, j: Job) -> None:
         row = (j.job_id, j.owner, j.state, _json(j.payload), j.created_at, j.updated_at, j.order, j.number,
                j.attempts, int(j.outcome_unknown), j.backend, j.started_at, j.finished_at, j.timeout_s,
-               _json(j.outputs or None), _json(j.result), int(j.told), j.webhook_url)
+               _json(j.outputs or None), _json(j.result), int(j.told), j.webhook_url, _json(j.template),
+               ",".join(j.fenced))
         try:
             if j.outbox is None:
                 self.db.execute(_INSERT, row)

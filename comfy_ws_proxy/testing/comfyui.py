@@ -1241,8 +1241,19 @@ class ComfySimulator:
         self._end_stalls()
         await server.close_all_connections()
 
+    async def crash(self) -> None:
+        """A SIGKILL: connections refused from now on, and the process is gone (its queue,
+        running prompt, history and caches); come_up() starts it again, empty."""
+        await self.go_down()
+        await self._cancel_tasks()
+        self._reset_process()
+        self._crashed = True
+
     async def come_up(self) -> None:
-        """Listen again on the same port."""
+        """Listen again on the same port (after crash(): as a new process)."""
+        if getattr(self, "_crashed", False):
+            self._crashed = False
+            self._start_tasks()
         if self._server is None and not self._stopped:
             self._listen(self.port)
 
