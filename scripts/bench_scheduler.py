@@ -29,7 +29,8 @@ refused by a backend (400: a node class or checkpoint it lacks) counts as **fail
 retried: none of the peers reroutes.
 
 Figures, from the simulators' own records (``ComfySimulator.jobs``, on time.monotonic):
-makespan (t=0 to the last finish) over the lower bound; the share of GPU time idle while a job
+makespan (t=0 to the last finish) over the lower bound (of the jobs that ran, when some
+failed); the share of GPU time idle while a job
 that GPU could run was waiting; model loads; p50/p99 queue wait (t=0 to start); failed jobs;
 jobs run twice. The lower bound is ``load + max(W_S / speed_S over every backend subset S
 (the work of the jobs only S can run over S's summed speed), the longest job on its fastest
@@ -65,10 +66,13 @@ from comfy_ws_proxy.testing.comfyui import ComfySimulator, txt2img_workflow  # n
 POLICIES = ("ours", "round-robin", "least-queue", "swarm")
 USERS = 4
 SWARM_OVERQUEUE = 1  # SwarmUI's default: one prompt queued in ComfyUI beside the running one
-# SwarmUI's real constants (1.5 s load hysteresis, a 1 s loop) on the bench's time scale: a
-# real 20-step SDXL job takes ~5 s, here 20 steps take 20 x step_s.
-SWARM_HYSTERESIS_STEPS = 6.0
-SWARM_TICK_STEPS = 4.0
+# Real time limits are scaled to the bench's time: a real 20-step SDXL job takes ~5 s (0.25 s
+# a step), here 20 steps take 20 x step_s. So SwarmUI's 1.5 s load hysteresis and 1 s loop,
+# and our AFFINITY_MAX_WAIT_S (10 s by default), become these many real seconds x scale.
+REAL_STEP_S = 0.25
+SWARM_HYSTERESIS_S = 1.5
+SWARM_TICK_S = 1.0
+AFFINITY_MAX_WAIT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -279,7 +283,7 @@ async def run_swarm(sims, jobs, timeout: float, note: list, fleet: Fleet, step_s
     placed_on: dict[str, SwarmBackend] = {}
     all_done = asyncio.get_running_loop().create_future()
     signal = asyncio.Event()
-    hysteresis = SWARM_HYSTERESIS_STEPS * step_s
+    hysteresis = SWARM_HYSTERESIS_S * step_s / REAL_STEP_S
     in_flight: set = set()
 
     def finished(prompt_id: str) -> None:
@@ -348,7 +352,7 @@ async def run_swarm(sims, jobs, timeout: float, note: list, fleet: Fleet, step_s
             try_find()
             signal.clear()
             try:
-                await asyncio.wait_for(signal.wait(), SWARM_TICK_STEPS * step_s)
+                await asyncio.wait_for(signal.wait(), SWARM_TICK_S * step_s / REAL_STEP_S)
             except asyncio.TimeoutError:
                 pass
 
@@ -407,7 +411,8 @@ def proxy_has_backends_option() -> bool:
     return any(o.name == "backends" for o in OPTIONS)
 
 
-async def run_ours(sims, jobs, timeout: float, note: list, fleet: Fleet, tmp: str) -> dict:
+async def run_ours(sims, jobs, timeout: float, note: list, fleet: Fleet, tmp: str, step_s: float,
+                   overrides: dict) -> dict:
     from comfy_ws_proxy.app import make_app
     from comfy_ws_proxy.config import settings_for_tests
     from comfy_ws_proxy.server import LimitedHTTPServer
@@ -421,6 +426,10 @@ async def run_ours(sims, jobs, timeout: float, note: list, fleet: Fleet, tmp: st
               "upstream_reconnect_max_ms": 200, "breaker_open_ms": 50, "breaker_max_open_ms": 400,
               "comfy_connect_timeout_ms": 2000, "comfy_request_timeout_ms": 5000, "submit_burst": 100000,
               "submit_rate_per_s": 100000.0, "max_queued_prompts_per_user": max(100, len(jobs))}
+    from comfy_ws_proxy.config import OPTIONS
+    if any(o.name == "affinity_max_wait_s" for o in OPTIONS):
+        values["affinity_max_wait_s"] = AFFINITY_MAX_WAIT_S * step_s / REAL_STEP_S
+    values.update(overrides)
     if proxy_has_backends_option():
         # weight 1 for all: the scheduler must learn speeds online, as no baseline is told them
         values["backends"] = [{"name": spec.name, "url": sim.url, "weight": 1.0, "labels": []}
@@ -438,7 +447,13 @@ async def run_ours(sims, jobs, timeout: float, note: list, fleet: Fleet, tmp: st
     users: dict[str, ProxyUser] = {}
     try:
         async def ready() -> None:
-            while (await http.fetch(f"http://127.0.0.1:{port}/ready", raise_error=False)).code != 200:
+            """Every backend ready and its capabilities read: the proxy has finished starting."""
+            while True:
+                answer = await http.fetch(f"http://127.0.0.1:{port}/ready", raise_error=False)
+                detail = json.loads(answer.body or b"{}").get("backends")
+                if answer.code == 200 and (detail is None or all(
+                        b.get("status") == "ready" and b.get("capabilities_known", True) for b in detail.values())):
+                    return
                 await asyncio.sleep(0.02)
         await asyncio.wait_for(ready(), 10)
         for name in sorted({j.user for j in jobs}):
@@ -494,7 +509,8 @@ def pct(values: list[float], p: float):
 
 
 def figures(fleet: Fleet, sims: list[ComfySimulator], jobs: list[Job], t0: float, end: float, failed: dict,
-            bound: float) -> dict:
+            bound) -> dict:
+    """The run's figures; ``bound(jobs)`` is the lower bound of a job list."""
     runs: dict[str, list] = {}
     for index, sim in enumerate(sims):
         for record in sim.jobs:
@@ -517,9 +533,12 @@ def figures(fleet: Fleet, sims: list[ComfySimulator], jobs: list[Job], t0: float
             queued.append((t0, min(started) if started else end))
         waiting += measure(queued)
         idle += minus(queued, busy)
+    ran_jobs = [j for j in jobs if ran[j.job_id] is not None]
+    ran_bound = bound(ran_jobs) if ran_jobs else None
     return {
-        "jobs": len(jobs), "makespan_s": makespan, "lower_bound_s": bound,
-        "ratio": makespan / bound if makespan else None,
+        "jobs": len(jobs), "makespan_s": makespan, "lower_bound_all_s": bound(jobs),
+        "lower_bound_s": ran_bound,  # of the jobs that ran (all of them, unless some failed)
+        "ratio": makespan / ran_bound if makespan and ran_bound else None,
         "idle_share": idle / waiting if waiting else 0.0,
         "model_loads": sum(sim.model_loads for sim in sims),
         "wait_p50_s": pct(waits, 50), "wait_p99_s": pct(waits, 99),
@@ -538,7 +557,7 @@ async def run_policy(policy: str, fleet: Fleet, jobs: list[Job], args, tmp: str,
         timeout = args.timeout
         try:
             if policy == "ours":
-                failed = await run_ours(sims, jobs, timeout, note, fleet, tmp)
+                failed = await run_ours(sims, jobs, timeout, note, fleet, tmp, args.step_s, args.proxy_options)
             elif policy == "round-robin":
                 failed = await run_round_robin(sims, jobs, timeout, note)
             elif policy == "least-queue":
@@ -551,7 +570,8 @@ async def run_policy(policy: str, fleet: Fleet, jobs: list[Job], args, tmp: str,
         end = time.monotonic()
         for sim in sims:
             sim.paused = True  # nothing more starts
-        return figures(fleet, sims, jobs, t0, end, failed, lower_bound(fleet, jobs, args.step_s, args.load_s))
+        return figures(fleet, sims, jobs, t0, end, failed,
+                       lambda some: lower_bound(fleet, some, args.step_s, args.load_s))
     finally:
         for sim in sims:
             await sim.stop()
@@ -598,7 +618,18 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=60.0, help="give up on one run after this long")
     parser.add_argument("--smoke", action="store_true", help="12 jobs per fleet, shorter steps")
     parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--proxy-option", action="append", default=[], metavar="NAME=VALUE",
+                        help="a setting of ours (repeatable), e.g. affinity_max_wait_s=2; VALUE is JSON or text")
     args = parser.parse_args()
+    args.proxy_options = {}
+    for spec in args.proxy_option:
+        name, sep, value = spec.partition("=")
+        if not sep:
+            parser.error(f"--proxy-option: expected NAME=VALUE, got {spec!r}")
+        try:
+            args.proxy_options[name.strip().lower()] = json.loads(value)
+        except ValueError:
+            args.proxy_options[name.strip().lower()] = value
     args.policies = [p for p in args.policies.split(",") if p]
     unknown = set(args.policies) - set(POLICIES)
     if unknown:
@@ -623,7 +654,8 @@ def main() -> int:
         for policy, f in fleet["policies"].items():
             row = [fleet_name, policy] + [fmt(f.get(key), kind) for key, kind in columns]
             if f.get("failed") or f.get("unfinished"):
-                row[4] += "*"  # the makespan covers only the jobs that ran
+                row[3] += "*"  # makespan and bound cover only the jobs that ran
+                row[4] += "*"
             rows.append(row)
     widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
     for row in [header] + rows:
@@ -631,7 +663,7 @@ def main() -> int:
     if any(f.get("failed") or f.get("unfinished") for fleet in out["results"].values()
            for f in fleet["policies"].values()):
         print("* some jobs failed (refused by the backend they were sent to) or never finished: the makespan "
-              "covers only the jobs that ran")
+              "and its bound cover only the jobs that ran")
     for line in out["notes"]:
         print("note:", line)
     if args.json:
