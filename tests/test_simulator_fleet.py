@@ -136,7 +136,7 @@ async def test_a_checkpoint_workflow_runs_like_comfyui_and_loads_only_on_a_chang
             await env.post_prompt(txt2img_workflow(ckpt, steps=3, seed=seed), "a", prompt_id=prompt_id)
             await sock.wait_for(done, sum(1 for t in sock.tokens if done(t)) + 1)
         assert [r.model_load for r in env.sim.jobs] == [True, False, True, True]
-        assert [r.checkpoints for r in env.sim.jobs] == [["a.safetensors"], [], ["b.safetensors"], ["a.safetensors"]]
+        assert [r.checkpoints for r in env.sim.jobs] == [["a.safetensors"]] * 2 + [["b.safetensors"], ["a.safetensors"]]
         assert env.sim.model_loads == 3 and env.sim.loaded_checkpoint == "a.safetensors"
         # p2 reused the loader's and the prompts' outputs: ComfyUI's execution_cached says so
         cached = [m for m in sock.described if m["type"] == "execution_cached"]
@@ -207,6 +207,8 @@ async def test_system_stats_per_instance_keep_comfyuis_shape(io_loop):
 async def test_job_records_on_the_simulators_clock(io_loop):
     clock = FakeClock()
     async with Env(models=["a.safetensors"], clock=clock) as env:
+        events: list[tuple[str, str]] = []
+        env.sim.on_record = lambda event, record: events.append((event, record.prompt_id))
         env.sim.paused = True
         await env.post_prompt(txt2img_workflow("a.safetensors", steps=1), prompt_id="first")
         clock.now = 101.0
@@ -237,6 +239,8 @@ async def test_job_records_on_the_simulators_clock(io_loop):
         assert snapshot["completed_counts"] == {"first": 1, "second": 1} and snapshot["model_loads"] == 1
         assert [j["outcome"] for j in snapshot["jobs"]] == ["success", "deleted", "success", "lost"]
         json.dumps(snapshot)
+        assert events == [("deleted", "deleted"), ("started", "first"), ("success", "first"), ("started", "second"),
+                          ("success", "second"), ("lost", "queued")]
 
 
 async def test_a_fleet_of_instances_each_with_its_own_faults(io_loop):
@@ -265,7 +269,8 @@ async def test_a_fleet_of_instances_each_with_its_own_faults(io_loop):
 
 # --- the standalone form --------------------------------------------------------------------
 
-async def test_standalone_profile_flags(io_loop):
+async def test_standalone_profile_flags(io_loop, tmp_path):
+    records_file = tmp_path / "records.jsonl"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -274,6 +279,7 @@ async def test_standalone_profile_flags(io_loop):
         "--models", "a.safetensors,b.safetensors", "--model-files", "loras=detail.safetensors",
         "--without-node-classes", "SaveImageWebsocket", "--extra-node-classes", "FilmGrain", "--speed", "3",
         "--load-seconds", "0", "--device-name", "cuda:0 NVIDIA L4", "--vram-total", "24000000000",
+        "--records-file", str(records_file),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=os.path.join(HERE, ".."))
     http = AsyncHTTPClient(force_instance=True)
     try:
@@ -300,9 +306,15 @@ async def test_standalone_profile_flags(io_loop):
         records = await asyncio.wait_for(finished(), TIMEOUT)
         assert records["execution_counts"] == {"remote": 1} and records["model_loads"] == 1
         assert records["jobs"][0]["outcome"] == "success" and records["jobs"][0]["checkpoints"] == ["b.safetensors"]
+        process.kill()  # the records file outlives the process, SIGKILL included
+        await process.wait()
+        lines = [json.loads(line) for line in records_file.read_text().splitlines()]
+        assert [(line["event"], line["prompt_id"], line["port"]) for line in lines] == [
+            ("started", "remote", port), ("success", "remote", port)]
     finally:
         http.close()
-        process.terminate()
+        if process.returncode is None:
+            process.terminate()
         await process.stdout.read()
         await process.wait()
 

@@ -88,8 +88,10 @@ validation (an unknown class is the recorded ``invalid_prompt``); its model file
 checkpoint loader's combo); ``speed``; ``load_seconds``, what a checkpoint loader costs when
 the checkpoint is not the one loaded (``loaded_checkpoint``, ``model_loads``); its device and
 versions in ``/system_stats``. ``jobs`` holds a ``JobRecord`` per accepted prompt (queued,
-started, finished on ``clock``, outcome, checkpoints, model load); ``snapshot()`` is the
-same as JSON, served at ``GET /__sim/records`` with ``control``.
+started, finished on ``clock``, outcome, checkpoints, model load); ``on_record(event,
+record)`` hears each change; ``snapshot()`` is the counters and records as JSON, served at
+``GET /__sim/records`` with ``control``. Standalone, ``--records-file`` appends each change as
+a JSON line (it survives a kill of the process).
 
 Fault injection and observation (for the proxy's tests)
 -------------------------------------------------------
@@ -965,8 +967,8 @@ class JobRecord:
     # "success" | "error" | "interrupted" once it ran; "deleted" (POST /queue), "lost" (a
     # restart took it, queued or running); None while queued or running
     outcome: str | None = None
-    checkpoints: list = field(default_factory=list)  # ckpt_name of each checkpoint loader that ran
-    model_load: bool = False  # it loaded a checkpoint (load_seconds)
+    checkpoints: list = field(default_factory=list)  # the ckpt_name of each checkpoint loader in the prompt
+    model_load: bool = False  # it loaded a checkpoint (load_seconds); False if the loaded one was reused
     generation: int = 0  # the process (restart count) it was accepted by
 
     def as_dict(self) -> dict:
@@ -1033,6 +1035,7 @@ class ComfySimulator:
         self.started_order: list[str] = []
         self.completions: list[tuple[str, int]] = []  # (prompt_id, process generation)
         self.jobs: list[JobRecord] = []  # one per accepted prompt, in acceptance order
+        self.on_record: Callable[[str, JobRecord], None] | None = None  # (event, record) on each change
         self.model_loads = 0  # checkpoint loads (a loader that ran with another checkpoint than the loaded one)
         self.requests: list[tuple[str, str]] = []
         self._last_headers: dict = {}
@@ -1060,6 +1063,7 @@ class ComfySimulator:
         self.generation += 1
         for record in getattr(self, "_open_records", {}).values():
             record.outcome = "lost"  # queued or running when the process ended
+            self._tell("lost", record)
         self._open_records: dict[int, JobRecord] = {}  # id(record) -> record, queued or running
         self.loaded_checkpoint: str | None = None  # the checkpoint in "VRAM"
         self._sockets: dict[str, SimSocket] = {}  # the routing table: clientId -> socket
@@ -1368,7 +1372,10 @@ class ComfySimulator:
 
     # --- the queue ----------------------------------------------------------------------------
     def _put(self, item: QueueItem) -> None:
-        item.record = JobRecord(item.prompt_id, item.number, item.client_id, self.clock(), generation=self.generation)
+        checkpoints = [node["inputs"].get("ckpt_name") for node in item.prompt.values()
+                       if node["class_type"] == "CheckpointLoaderSimple"]
+        item.record = JobRecord(item.prompt_id, item.number, item.client_id, self.clock(), checkpoints=checkpoints,
+                                generation=self.generation)
         self.jobs.append(item.record)
         self._open_records[id(item.record)] = item.record
         self._seq += 1
@@ -1401,6 +1408,11 @@ class ComfySimulator:
             if outcome not in ("deleted", "lost"):
                 item.record.finished_at = self.clock()
             self._open_records.pop(id(item.record), None)
+            self._tell(outcome, item.record)
+
+    def _tell(self, event: str, record: JobRecord) -> None:
+        if self.on_record is not None:
+            self.on_record(event, record)
 
     def _update_idle(self) -> None:
         if not self._queue and self._running is None:
@@ -1454,6 +1466,7 @@ class ComfySimulator:
         self.started_order.append(prompt_id)
         if item.record is not None:
             item.record.started_at = self.clock()
+            self._tell("started", item.record)
         self._client_id = cid
         self._interrupt_flag = False  # nodes.interrupt_processing(False)
         messages: list = []
@@ -1701,8 +1714,6 @@ class ComfySimulator:
     async def _load_checkpoint(self, item: QueueItem, name: str) -> None:
         """A checkpoint loader that runs: free if this checkpoint is the loaded one, else
         load_seconds (one model load)."""
-        if item.record is not None:
-            item.record.checkpoints.append(name)
         if name == self.loaded_checkpoint:
             return
         self.loaded_checkpoint = None
@@ -2339,6 +2350,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device-name", default="cpu", help='/system_stats device, e.g. "cuda:0 NVIDIA L4"')
     parser.add_argument("--vram-total", type=int, default=None, help="/system_stats vram_total (bytes)")
     parser.add_argument("--vram-free", type=int, default=None, help="/system_stats vram_free (bytes)")
+    parser.add_argument("--records-file", default=None, metavar="PATH",
+                        help="append one JSON line per job event (started, success, error, interrupted, deleted, "
+                             "lost) to PATH, flushed at once: the record survives a kill of this process")
     args = parser.parse_args(argv)
     models = {"checkpoints": args.models}
     for spec in args.model_files:
@@ -2357,12 +2371,20 @@ def main(argv: list[str] | None = None) -> int:
                                  vram_total=args.vram_total, vram_free=args.vram_free)
         except ValueError as e:
             parser.error(str(e))
+        records = open(args.records_file, "a", encoding="utf-8") if args.records_file else None
+        if records is not None:
+            def write(event: str, record: JobRecord) -> None:  # one short line: written at once, not buffered
+                records.write(json.dumps({"event": event, "port": sim.port, **record.as_dict()}) + "\n")
+                records.flush()
+            sim.on_record = write
         await sim.start(args.port, args.address)
         log.warning("ComfyUI %s SIMULATOR (a test double, not ComfyUI) listening on %s", COMFYUI_VERSION, sim.url)
         try:
             await asyncio.Event().wait()  # forever
         finally:
             await sim.stop()
+            if records is not None:
+                records.close()
 
     try:
         asyncio.run(run())
