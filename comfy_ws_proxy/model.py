@@ -83,6 +83,7 @@ class Job:
     fits: dict = field(default_factory=dict, compare=False)  # backend -> (its fingerprint, why it cannot run it)
     switched_model: bool = field(default=False, compare=False)  # it started on a backend with another model
     queued_since: float = field(default=0.0, compare=False)  # monotonic: when it last entered the queue
+    declined_since: float = field(default=0.0, compare=False)  # monotonic: a free backend first left it
 
     @property
     def finished(self) -> bool:

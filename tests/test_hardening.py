@@ -69,7 +69,9 @@ async def test_a_poison_prompt_gets_a_bounded_number_of_tries_and_holds_nobody_u
     """Finding 5: a prompt ComfyUI answers with a 500 (it is up: /prompt answers) is not
     'ComfyUI down': the breaker stays closed, others' prompts go on, and after
     MAX_SUBMIT_ATTEMPTS the prompt fails and its owner is told."""
-    async with ProxyHarness(max_submit_attempts=3, breaker_failure_threshold=2) as h:
+    # (With VALIDATE_PROMPTS on, this prompt never reaches ComfyUI: the next test. Off here, as
+    # any prompt ComfyUI breaks on that the validator would let through.)
+    async with ProxyHarness(max_submit_attempts=3, breaker_failure_threshold=2, validate_prompts=False) as h:
         mallory = await h.connect("mallory")
         alice = await h.connect("alice")
         poison = {"1": {"class_type": ["SaveImage"], "inputs": {}}}
@@ -86,6 +88,15 @@ async def test_a_poison_prompt_gets_a_bounded_number_of_tries_and_holds_nobody_u
         _, outcome = await alice.run(workflow("success"))  # nobody else was held up
         assert outcome == "execution_success"
         assert len([r for r in h.sim.requests if r == ("POST", "/prompt")]) == 4  # and it was not sent again
+
+
+async def test_a_prompt_comfyui_would_break_on_is_refused_before_it_when_its_classes_are_known(io_loop):
+    async with ProxyHarness() as h:
+        await h.state.pool.default.learn_capabilities(TIMEOUT)
+        mallory = await h.connect("mallory")
+        reply = await mallory.submit({"1": {"class_type": ["SaveImage"], "inputs": {}}})
+        assert reply["type"] == "error" and reply["data"]["code"] == "invalid_prompt"
+        assert ("POST", "/prompt") not in h.sim.requests
 
 
 async def test_ready_never_resets_the_breakers_count_of_failures(io_loop):

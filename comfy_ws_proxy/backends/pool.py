@@ -98,23 +98,24 @@ class BackendPool:
     def has_room(self, backend: Backend, placed: Callable[[str], int]) -> bool:
         return not self.queue_depth or placed(backend.name) < self.queue_depth
 
-    def any_room(self, placed: Callable[[str], int]) -> bool:
-        """Could any backend take a job now (one that can run it aside)?"""
-        return any(b.available and self.has_room(b, placed) for b in self)
+    def free(self, placed: Callable[[str], int]) -> list[Backend]:
+        """The backends that are up and may take a job now, in the order they choose."""
+        return self.scheduler.free_order([b for b in self if b.available and self.has_room(b, placed)])
 
-    def place(self, job, held: Callable[[str], list], now: float, commit: bool = True) -> Backend | None:
-        """The backend ``job`` should go to now, or None to leave it queued. ``held(name)``:
-        our jobs that backend holds. ``commit=False``: only asking (nothing is recorded)."""
-        candidates = []
-        for backend in self:
-            if not backend.available or self.refusal(job, backend) is not None:  # (not known yet: try it)
-                continue
-            jobs = held(backend.name)
-            for other in jobs:
-                needs_of(other)
-            candidates.append(Candidate(backend, not self.queue_depth or len(jobs) < self.queue_depth, jobs))
-        needs = needs_of(job)
-        return self.scheduler.choose(job, candidates, needs.shape, needs.models, now - job.queued_since, commit)
+    def pick(self, backend: Backend, candidates: list, waiting: list, held: Callable[[str], list],
+             now: float, commit: bool = True):
+        """The job ``backend`` should start now (one of ``candidates``), or None. ``held(name)``:
+        our jobs that backend holds."""
+        for job in waiting:
+            needs_of(job)
+        me = Candidate(backend, True, held(backend.name))
+        others = [Candidate(b, self.has_room(b, lambda name: len(held(name))), held(b.name))
+                  for b in self if b is not backend and b.available]
+        for c in [me, *others]:
+            for job in c.held:
+                needs_of(job)
+        return self.scheduler.pick(me, candidates, waiting, others,
+                                   lambda job, b: self.refusal(job, b) is None, now, commit)
 
     # --- what the scheduler learns --------------------------------------------------------------
     def job_started(self, job) -> None:

@@ -7,10 +7,12 @@ jobs it holds are expected to end) + a model load if it has not just run the job
 (``capabilities.shape_of``), else per backend across its jobs, else the pool's average scaled
 by the configured weights. A model load's cost is learned from the runs that switched model.
 
-A job may wait for a busy backend that would finish it sooner (its model is loaded there, or
-it is much faster), but only ``affinity_max_wait_s`` from when it was queued: affinity never
-turns into a hot spot while a GPU that could run the job sits idle. Ties between equally good
-free backends go to the one given work least recently (never "the first in the list").
+The choice is made when a backend can start a job (late binding): it pulls the job it would
+finish soonest compared with every other backend, warm models first (see ``pick``). A job
+may so wait for a busy backend that would finish it sooner (its model is loaded there, or it
+is faster), but only ``affinity_max_wait_s`` from when it was queued: affinity never turns
+into a hot spot while a GPU that could run the job sits idle. Free backends choose in the
+order they were last given work (never "the first in the list" every time).
 """
 from __future__ import annotations
 
@@ -90,15 +92,6 @@ class Scheduler:
             return a.per_job / b.per_job
         return 1.0
 
-    def load_cost(self, backend: Backend, models: frozenset) -> float:
-        stats = self._stats(backend.name)
-        if not models or models <= stats.loaded:
-            return 0.0
-        if stats.load_s is not None:
-            return stats.load_s
-        learned = [s.load_s for s in self.stats.values() if s.load_s is not None]
-        return sum(learned) / len(learned) if learned else DEFAULT_LOAD_S
-
     def busy_until(self, backend: Backend, held: Iterable, shape_of: Callable) -> float:
         """Seconds from now until the jobs it holds are expected to be done."""
         stats, now, total = self._stats(backend.name), self.clock(), 0.0
@@ -112,37 +105,109 @@ class Scheduler:
         return total
 
     # --- the choice -----------------------------------------------------------------------
-    def choose(self, job, candidates: list[Candidate], shape: str, models: frozenset,
-               waited_s: float, commit: bool = True) -> Backend | None:
-        """The backend to send ``job`` to now, or None to leave it queued (none has room, or
-        a busy one that would finish it sooner is worth waiting for a while)."""
+    def loaded(self, backend: Backend, held: list) -> frozenset:
+        """The models it will have loaded when it starts its next job: those of the last job
+        it holds, else of the last it ran."""
+        for job in reversed(held):
+            if job.needs is not None and job.needs.models:
+                return job.needs.models
+        return self._stats(backend.name).loaded
+
+    def pick(self, backend: Candidate, candidates: list, waiting: list, others: list[Candidate],
+             can_run: Callable, now: float, commit: bool = True):
+        """The job ``backend`` (which has room) should start next, or None to stay free.
+
+        ``candidates``: the jobs it may take, in the order fairness gives them (each owner's
+        first job of each model, owners least recently served first); ``waiting``: every job
+        waiting (for the others' backlogs); ``others``: the other backends that are up;
+        ``can_run(job, backend)``; ``commit=False``: only asking (nothing is recorded).
+
+        A job this backend declined while it stayed free for ``affinity_max_wait_s`` goes
+        first. Otherwise work only it can do goes first, then jobs whose model it has loaded
+        (fair order among them), then the models most work waits for. It takes the first one it would finish no later than any other backend could, counting
+        the work already waiting for that one (its held jobs, and the waiting jobs of the
+        models it has loaded): a GPU never sits idle while a job waits that it would finish
+        soonest, and never loads a model to take a job a warm one would finish first."""
         if not candidates:
             return None
+        b = backend.backend
+        # The bound on affinity: a job this free backend has declined (leaving it to a busier
+        # one expected to finish it sooner) for affinity_max_wait_s goes now.
+        overdue = [j for j in candidates if j.declined_since and now - j.declined_since >= self.affinity_max_wait_s]
+        if overdue:
+            return self._given_to(b, min(overdue, key=lambda j: j.declined_since), commit)
+        mine_loaded = self.loaded(b, backend.held)
+        loaded = {c.backend.name: self.loaded(c.backend, c.held) for c in others}
+        warm_count: dict[frozenset, int] = {}
+        for models in [mine_loaded, *loaded.values()]:
+            warm_count[models] = warm_count.get(models, 0) + 1
+        # What each other backend has to do before it could take one more job: what it holds,
+        # and its share of the waiting work on the models it has loaded.
+        backlog = {}
+        for c in others:
+            work = 0.0 if c.room else self.busy_until(c.backend, c.held, lambda j: j.needs.shape)
+            models = loaded[c.backend.name]
+            for job in waiting:
+                if job.needs.models and job.needs.models == models and can_run(job, c.backend):
+                    work += self.duration(c.backend, job.needs.shape) / warm_count.get(models, 1)
+            backlog[c.backend.name] = work
+        pressure: dict[frozenset, float] = {}
+        for job in waiting:
+            pressure[job.needs.models] = pressure.get(job.needs.models, 0.0) + self.duration(b, job.needs.shape)
 
-        def finish(c: Candidate, extra: float = 0.0) -> float:
-            start = 0.0 if c.room else self.busy_until(c.backend, c.held, lambda j: j.needs.shape)
-            return start + extra + self.load_cost(c.backend, models) + self.duration(c.backend, shape)
+        def warm(job) -> bool:
+            return not job.needs.models or job.needs.models <= mine_loaded
 
-        ranked = sorted(candidates, key=lambda c: (finish(c), len(c.held), self._stats(c.backend.name).last_given))
-        best = ranked[0]
-        free = [c for c in ranked if c.room]
-        if not free:
-            return None
-        if best.room or waited_s >= self.affinity_max_wait_s:
-            chosen = free[0]
-        else:
-            return None  # the busy one is expected to finish it sooner: wait (a bounded time)
+        def only_here(job) -> bool:
+            return not any(can_run(job, c.backend) for c in others)
+
+        # Work only this backend can do comes first (another one can take the rest), then
+        # what it has the model for, then the models most work waits for, then fair order.
+        ordered = sorted(enumerate(candidates), key=lambda item: (
+            not only_here(item[1]), not warm(item[1]), -pressure.get(item[1].needs.models, 0.0), item[0]))
+        for _, job in ordered:
+            mine = self.load_cost_to(b, mine_loaded, job.needs.models) + self.duration(b, job.needs.shape)
+            best_other = min((backlog[c.backend.name] + self.load_cost_to(c.backend, loaded[c.backend.name],
+                                                                          job.needs.models)
+                              + self.duration(c.backend, job.needs.shape)
+                              for c in others if can_run(job, c.backend)), default=None)
+            if best_other is None or mine <= best_other:
+                return self._given_to(b, job, commit)
         if commit:
-            self._given += 1
-            self._stats(chosen.backend.name).last_given = self._given
-        return chosen.backend
+            for job in candidates:  # it stays free: each of these waits for a busier backend
+                job.declined_since = job.declined_since or now
+        return None
+
+    def load_cost_to(self, backend: Backend, loaded: frozenset, models: frozenset) -> float:
+        if not models or models <= loaded:
+            return 0.0
+        stats = self._stats(backend.name)
+        if stats.load_s is not None:
+            return stats.load_s
+        learned = [s.load_s for s in self.stats.values() if s.load_s is not None]
+        return sum(learned) / len(learned) if learned else DEFAULT_LOAD_S
+
+    def _given_to(self, backend: Backend, job, commit: bool = True):
+        if commit:
+            self.given(backend)
+        return job
+
+    def given(self, backend: Backend) -> None:
+        """``backend`` was given a job (free backends choose in the order of this)."""
+        self._given += 1
+        self._stats(backend.name).last_given = self._given
+
+    def free_order(self, backends: list[Backend]) -> list[Backend]:
+        """Free backends in the order they choose: the one given work least recently first
+        (never "the first in the list" every time)."""
+        return sorted(backends, key=lambda b: self._stats(b.name).last_given)
 
     # --- learning -------------------------------------------------------------------------
     def started(self, backend: Backend, job) -> None:
         stats = self._stats(backend.name)
         needs = job.needs
         switched = bool(needs.models) and not needs.models <= stats.loaded
-        expected = self.duration(backend, needs.shape) + (self.load_cost(backend, needs.models) if switched else 0.0)
+        expected = self.duration(backend, needs.shape) + self.load_cost_to(backend, stats.loaded, needs.models)
         stats.running[job.job_id] = (self.clock(), expected)
         job.switched_model = switched
         if needs.models:

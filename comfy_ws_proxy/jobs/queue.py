@@ -11,21 +11,22 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
+from itertools import islice
 from typing import Callable
 
 from ..backends.backend import Backend, ComfyFailed, ComfyRejected, ComfyUnavailable
 from ..backends.link import ComfyLink
 from ..backends.links import LinkManager
-from ..backends.pool import BackendPool, Refusal
+from ..backends.pool import BackendPool, Refusal, needs_of
 from ..metrics import Metrics
 from ..model import ErrorCode, Job, JobState
 from .tracker import JobTracker
 
 log = logging.getLogger(__name__)
 
-# How long a drain round waits for its users' links to (re)register, so that a user whose
-# link comes back a moment later is not skipped (fairness) without holding the round up.
-LINKS_UP_WAIT_S = 1.0
+# A backend with room looks at this many of each owner's queued jobs for one it should take
+# (each owner's first of each model: FIFO per owner and model).
+SCAN_PER_OWNER = 32
 
 
 class FairQueue:
@@ -67,6 +68,13 @@ class FairQueue:
     def head(self, owner: str) -> str | None:
         jobs = self._owners.get(owner)
         return next(iter(jobs)) if jobs else None
+
+    def first(self, owner: str, limit: int) -> list[str]:
+        """The owner's first ``limit`` queued job ids, in order."""
+        return list(islice(self._owners.get(owner, ()), limit))
+
+    def served(self, owner: str) -> int:
+        return self._served.get(owner, 0)
 
     def rotate(self, owner: str) -> None:
         """The owner was served: after everyone not served since."""
@@ -162,6 +170,7 @@ class JobQueue:
         if job.state == JobState.QUEUED and old != JobState.QUEUED:
             self.fair.add(job.owner, job.job_id, job.order)
             job.queued_since = self.clock()
+            job.declined_since = 0.0
         elif old == JobState.QUEUED and job.state != JobState.QUEUED:
             self.fair.remove(job.owner, job.job_id)
         if job.state == JobState.RUNNING and old != JobState.RUNNING:
@@ -186,8 +195,8 @@ class JobQueue:
             self.tracker.add(job)
             self.refuse(job, why)
             return
-        backend = (self.pool.place(job, self.tracker.held_by, self.clock())
-                   if not self.fair.size(job.owner) and not self.owner_full(job.owner) else None)
+        backend = self._backend_for_new(job) if not self.fair.size(job.owner) and not self.owner_full(job.owner) \
+            else None
         link = self.links.get(job.owner, backend.name) if backend is not None else None
         if link is None or not link.ready.is_set():
             self.tracker.add(job)
@@ -199,6 +208,42 @@ class JobQueue:
         self.tracker.add(job)
         log.info("prompt submit user=%s prompt=%s nodes=%d", job.owner, job.job_id, len(job.payload["prompt"]))
         await self.post(job, backend, link, announced=False)
+
+    def _backend_for_new(self, job: Job) -> Backend | None:
+        """A free backend that would take this new job now (its owner has nothing queued)."""
+        for backend in self.pool.free(self.tracker.placed_count):
+            candidates, waiting = self._candidates(backend, extra=job)
+            if job not in candidates:
+                continue
+            if self.pool.pick(backend, candidates, waiting, self.tracker.held_by, self.clock(), commit=False) is job:
+                self.pool.scheduler.given(backend)
+                return backend
+        return None
+
+    def _candidates(self, backend: Backend, extra: Job | None = None) -> tuple[list[Job], list[Job]]:
+        """(the jobs ``backend`` may take now, in fair order: each owner's first of each model
+        that it can run; every waiting job looked at). An owner whose first job's POST has an
+        unknown outcome is skipped until the reconciler has asked (its turn is held)."""
+        owners = self.fair.owners()
+        if extra is not None and extra.owner not in owners:
+            owners.append(extra.owner)
+            owners.sort(key=self.fair.served)  # (stable: arrival breaks ties)
+        candidates, waiting = [], []
+        for owner in owners:
+            jobs = [j for j in (self.tracker.get(i) for i in self.fair.first(owner, SCAN_PER_OWNER)) if j is not None]
+            if extra is not None and extra.owner == owner:
+                jobs.append(extra)
+            waiting.extend(jobs)
+            if not jobs or jobs[0].outcome_unknown or self.owner_full(owner):
+                continue
+            seen = set()
+            for job in jobs:
+                models = needs_of(job).models
+                if models in seen or job.outcome_unknown or self.pool.refusal(job, backend) is not None:
+                    continue
+                seen.add(models)
+                candidates.append(job)
+        return candidates, waiting
 
     def refuse(self, job: Job, why: dict[str, Refusal]) -> None:
         """No backend can run this job (every backend's capabilities are known): it ends now,
@@ -338,54 +383,46 @@ class JobQueue:
             self.kick()
 
     async def _drain(self) -> None:
-        """Round-robin across owners, one job each per round, FIFO per owner; each job goes to
-        the backend the pool picks for it now (or waits). A job whose last POST has an
-        unknown outcome holds its owner's turn until the reconciler has asked."""
+        """Each backend that may take a job now pulls the one it should (pool.pick: fair across
+        owners, FIFO per owner and model, the one it would finish soonest); again, until no
+        backend takes one. Jobs no backend can run are refused on the way."""
         while True:
-            owners = self.fair.owners()
-            if not owners or not self.pool.any_room(self.tracker.placed_count):
+            if not len(self.fair):
+                return
+            self._refuse_impossible()
+            free = self.pool.free(self.tracker.placed_count)
+            if not free:
                 return
             progressed = False
-            await self._links_up(owners)
-            for owner in owners:
-                job = self.tracker.get(self.fair.head(owner) or "")
-                if job is None or job.outcome_unknown or self.owner_full(owner):
-                    continue  # (a finished job of theirs kicks the queue again)
-                possible, why = self.pool.runnable(job)
-                if not possible:  # (capabilities learned since it was queued)
-                    self.refuse(job, why)
-                    progressed = True
+            for backend in free:
+                if not backend.available or not self.pool.has_room(backend, self.tracker.placed_count):
                     continue
-                backend = self.pool.place(job, self.tracker.held_by, self.clock())
-                if backend is None:
-                    continue  # nothing that can run it has room now (or it waits for a better one)
-                link = self.links.ensure(owner, backend)
+                candidates, waiting = self._candidates(backend)
+                job = self.pool.pick(backend, candidates, waiting, self.tracker.held_by, self.clock())
+                if job is None:
+                    continue
+                link = self.links.ensure(job.owner, backend)
                 if not link.ready.is_set():
+                    # Its link is (re)connecting: the backend waits for it (link_up kicks the
+                    # queue again), so the owner keeps the turn.
                     link.wake()
-                    continue  # its link is (re)connecting; link_up kicks again
-                self.fair.rotate(owner)  # served: to the back of the round-robin
-                if not await self.post(job, backend, link, resubmitted=job.attempts > 0):
-                    return
-                progressed = True
+                    continue
+                self.fair.rotate(job.owner)  # served: to the back of the round-robin
+                if await self.post(job, backend, link, resubmitted=job.attempts > 0):
+                    progressed = True
             if not progressed:
                 return
 
-    async def _links_up(self, owners: list[str]) -> None:
-        """Open the links this round will use, and wait a moment for them, so that an owner
-        whose link comes up a moment later keeps their turn."""
-        waits = []
-        for owner in owners:
-            job = self.tracker.get(self.fair.head(owner) or "")
-            if job is None:
-                continue
-            backend = self.pool.place(job, self.tracker.held_by, self.clock(), commit=False)
-            if backend is None:
-                continue
-            link = self.links.ensure(owner, backend)
-            if not link.ready.is_set():
-                link.wake()
-                waits.append((asyncio.ensure_future(link.ready.wait()), backend.connect_timeout))
-        if waits:
-            await asyncio.wait([w for w, _ in waits], timeout=min(LINKS_UP_WAIT_S, *(t for _, t in waits)))
-            for w, _ in waits:
-                w.cancel()
+    def _refuse_impossible(self) -> None:
+        """Queued jobs that no backend can run (capabilities learned, or changed, since they
+        were queued) end now, with what each backend lacks."""
+        impossible = []
+        for owner in self.fair.owners():
+            for job_id in self.fair.first(owner, SCAN_PER_OWNER):
+                job = self.tracker.get(job_id)
+                if job is not None:
+                    possible, why = self.pool.runnable(job)
+                    if not possible:
+                        impossible.append((job, why))
+        for job, why in impossible:
+            self.refuse(job, why)
