@@ -546,6 +546,11 @@ def figures(fleet: Fleet, sims: list[ComfySimulator], jobs: list[Job], t0: float
         "ran_twice": sum(1 for j in jobs if sum(1 for _, r in runs.get(j.job_id, []) if r.started_at) > 1),
         "per_backend": {spec.name: sum(1 for r in sims[i].jobs if r.outcome == "success")
                         for i, spec in enumerate(fleet.backends)},
+        # where the time went: each backend's busy seconds and when it finished its last job
+        "busy_s": {spec.name: round(sum((r.finished_at or end) - r.started_at for r in sims[i].jobs
+                                        if r.started_at is not None), 3) for i, spec in enumerate(fleet.backends)},
+        "last_finish_s": {spec.name: round(max((r.finished_at for r in sims[i].jobs if r.finished_at), default=t0)
+                                           - t0, 3) for i, spec in enumerate(fleet.backends)},
         "failures": dict(list(failed.items())[:5]),
     }
 

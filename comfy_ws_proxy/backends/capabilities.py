@@ -84,3 +84,14 @@ def shape_of(prompt: dict) -> str:
                       if isinstance(inputs.get(k), int))
         parts.append(f"{node.get('class_type')}{sizes}")
     return hashlib.sha1("|".join(sorted(parts)).encode()).hexdigest()[:16]
+
+
+def work_units(prompt: dict) -> float:
+    """A prompt's work, roughly, for the scheduler's first guesses: its sampler steps (each
+    ``steps`` input, times its batch where one is given; at least 1)."""
+    steps = 0
+    for node in prompt.values():
+        inputs = node.get("inputs") if isinstance(node, dict) else None
+        if isinstance(inputs, dict) and isinstance(inputs.get("steps"), int) and not isinstance(inputs["steps"], bool):
+            steps += max(0, min(inputs["steps"], 10_000))
+    return float(max(1, steps))

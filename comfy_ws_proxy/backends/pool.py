@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 from .backend import Backend
-from .capabilities import models_named, shape_of
+from .capabilities import models_named, shape_of, work_units
 from .scheduler import Candidate, Scheduler
 
 
@@ -22,13 +22,15 @@ class JobNeeds:
     shape: str
     models: frozenset
     labels: frozenset
+    units: float = 1.0  # its work, roughly: the sampler steps it runs (at least 1)
 
 
 def needs_of(job) -> JobNeeds:
     if job.needs is None:
         payload = job.payload or {}
         prompt = payload.get("prompt") if isinstance(payload.get("prompt"), dict) else {}
-        job.needs = JobNeeds(shape_of(prompt), models_named(prompt), frozenset(payload.get("labels") or ()))
+        job.needs = JobNeeds(shape_of(prompt), models_named(prompt), frozenset(payload.get("labels") or ()),
+                             work_units(prompt))
     return job.needs
 
 

@@ -20,12 +20,14 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from .backend import Backend
+from .plan import fluid_plan
 
 EWMA = 0.3  # weight of the newest observation
 DEFAULT_JOB_S = 5.0  # before anything was measured
 DEFAULT_LOAD_S = 5.0
 OVERDUE_SHARE = 0.1  # a job past its expected time is expected to need this share of it more
 MAX_SHAPES = 256  # kinds of work remembered per backend (least recently seen forgotten)
+PLANNED_SHARE = 0.5  # a backend takes a job outright when the plan gives it this much of one
 
 
 def _ewma(old: float | None, new: float) -> float:
@@ -37,6 +39,7 @@ class BackendStats:
     """What the scheduler learned about one backend."""
     shapes: dict[str, float] = field(default_factory=dict)  # kind of work -> seconds
     per_job: float | None = None  # seconds per job, any kind
+    per_unit: float | None = None  # seconds per work unit (sampler step), any kind
     load_s: float | None = None  # extra seconds when the model changes
     loaded: frozenset = frozenset()  # the models of the job it started last
     running: dict[str, tuple[float, float]] = field(default_factory=dict)  # job -> (started, expected s)
@@ -65,11 +68,16 @@ class Scheduler:
         return stats
 
     # --- estimates ------------------------------------------------------------------------
-    def duration(self, backend: Backend, shape: str) -> float:
+    def duration(self, backend: Backend, needs) -> float:
+        """How long a job of these needs takes there: measured for this kind of work; else its
+        work units (sampler steps) at that backend's measured seconds per unit; else ..."""
+        shape = needs.shape
         stats = self._stats(backend.name)
         known = stats.shapes.get(shape)
         if known is not None:
             return known
+        if stats.per_unit is not None:
+            return needs.units * stats.per_unit
         # The same work measured elsewhere, scaled by how the two backends compare.
         for other, other_stats in self.stats.items():
             seen = other_stats.shapes.get(shape)
@@ -77,9 +85,10 @@ class Scheduler:
                 return seen * self._relative(backend.name, other)
         if stats.per_job is not None:
             return stats.per_job
-        measured = [s.per_job for s in self.stats.values() if s.per_job is not None]
-        base = sum(measured) / len(measured) if measured else DEFAULT_JOB_S
-        return base / max(backend.weight, 1e-6)
+        per_unit = [s.per_unit for s in self.stats.values() if s.per_unit is not None]
+        if per_unit:
+            return needs.units * sum(per_unit) / len(per_unit) / max(backend.weight, 1e-6)
+        return DEFAULT_JOB_S / max(backend.weight, 1e-6)
 
     def _relative(self, name: str, other: str) -> float:
         """How much longer ``name`` takes than ``other`` on work both have done."""
@@ -88,6 +97,8 @@ class Scheduler:
         if common:
             return sum(mine[s] / theirs[s] for s in common) / len(common)
         a, b = self.stats.get(name), self.stats[other]
+        if a is not None and a.per_unit and b.per_unit:
+            return a.per_unit / b.per_unit
         if a is not None and a.per_job and b.per_job:
             return a.per_job / b.per_job
         return 1.0
@@ -123,7 +134,7 @@ class Scheduler:
         ``can_run(job, backend)``; ``commit=False``: only asking (nothing is recorded).
 
         A job this backend declined while it stayed free for ``affinity_max_wait_s`` goes
-        first. Otherwise work only it can do goes first, then jobs whose model it has loaded
+        first. Otherwise work the fewest other backends can do goes first, then jobs whose model it has loaded
         (fair order among them), then the models most work waits for. It takes the first one it would finish no later than any other backend could, counting
         the work already waiting for that one (its held jobs, and the waiting jobs of the
         models it has loaded): a GPU never sits idle while a job waits that it would finish
@@ -141,42 +152,102 @@ class Scheduler:
         warm_count: dict[frozenset, int] = {}
         for models in [mine_loaded, *loaded.values()]:
             warm_count[models] = warm_count.get(models, 0) + 1
-        # What each other backend has to do before it could take one more job: what it holds,
-        # and its share of the waiting work on the models it has loaded.
-        backlog = {}
+        # When each other backend is free again, and the waiting work on the model it has
+        # loaded (shared among the backends that have it loaded): it does that work first.
+        remaining = {c.backend.name: 0.0 if c.room else self.busy_until(c.backend, c.held, lambda j: j.needs)
+                     for c in others}
+        warm_backlog = {}
         for c in others:
-            work = 0.0 if c.room else self.busy_until(c.backend, c.held, lambda j: j.needs.shape)
             models = loaded[c.backend.name]
-            for job in waiting:
-                if job.needs.models and job.needs.models == models and can_run(job, c.backend):
-                    work += self.duration(c.backend, job.needs.shape) / warm_count.get(models, 1)
-            backlog[c.backend.name] = work
+            warm_backlog[c.backend.name] = sum(
+                self.duration(c.backend, job.needs) for job in waiting
+                if job.needs.models and job.needs.models == models and can_run(job, c.backend)
+            ) / warm_count.get(models, 1)
+
+        def other_finish(job, c: Candidate) -> float:
+            """When ``c`` would finish ``job``: once free, after the work it would do first (if
+            it has the job's model: the older jobs of that model, shared among those who could
+            take them; if not: the work on the model it has), then a load, then the job."""
+            name = c.backend.name
+            if not job.needs.models or job.needs.models <= loaded[name]:
+                able = 1 + sum(1 for o in others if can_run(job, o.backend))
+                before = sum(self.duration(c.backend, k.needs) for k in waiting
+                             if k.needs.models == job.needs.models and k.order < job.order
+                             and can_run(k, c.backend)) / able
+                load = 0.0
+            else:
+                before = warm_backlog[name]
+                load = self.load_cost_to(c.backend, loaded[name], job.needs.models)
+            return remaining[name] + before + load + self.duration(c.backend, job.needs)
+
         pressure: dict[frozenset, float] = {}
         for job in waiting:
-            pressure[job.needs.models] = pressure.get(job.needs.models, 0.0) + self.duration(b, job.needs.shape)
+            pressure[job.needs.models] = pressure.get(job.needs.models, 0.0) + self.duration(b, job.needs)
 
         def warm(job) -> bool:
             return not job.needs.models or job.needs.models <= mine_loaded
 
-        def only_here(job) -> bool:
-            return not any(can_run(job, c.backend) for c in others)
+        planned = self._planned_share(backend, others, waiting, remaining, can_run)
 
-        # Work only this backend can do comes first (another one can take the rest), then
-        # what it has the model for, then the models most work waits for, then fair order.
+        def share(job) -> float:
+            return planned.get(job.needs.models, {}).get(job_kind(job, backend, others, can_run), 0.0)
+
+        # The plan's work for this backend first: what it has the model for first, then what
+        # fewer backends can do (the plan is only as good as the speeds measured so far: the
+        # others can take the rest later), then the kinds it should do most of; then the
+        # rest; each in fair order.
         ordered = sorted(enumerate(candidates), key=lambda item: (
-            not only_here(item[1]), not warm(item[1]), -pressure.get(item[1].needs.models, 0.0), item[0]))
+            share(item[1]) <= 0, not warm(item[1]), len(job_kind(item[1], backend, others, can_run)),
+            -share(item[1]), -pressure.get(item[1].needs.models, 0.0), item[0]))
         for _, job in ordered:
-            mine = self.load_cost_to(b, mine_loaded, job.needs.models) + self.duration(b, job.needs.shape)
-            best_other = min((backlog[c.backend.name] + self.load_cost_to(c.backend, loaded[c.backend.name],
-                                                                          job.needs.models)
-                              + self.duration(c.backend, job.needs.shape)
-                              for c in others if can_run(job, c.backend)), default=None)
+            mine = self.load_cost_to(b, mine_loaded, job.needs.models) + self.duration(b, job.needs)
+            if share(job) >= PLANNED_SHARE * self.duration(b, job.needs):
+                return self._given_to(b, job, commit)  # the plan gives it (at least half of) this job
+            best_other = min((other_finish(job, c) for c in others if can_run(job, c.backend)), default=None)
             if best_other is None or mine <= best_other:
                 return self._given_to(b, job, commit)
         if commit:
             for job in candidates:  # it stays free: each of these waits for a busier backend
                 job.declined_since = job.declined_since or now
         return None
+
+    def speed(self, backend: Backend, reference: Backend) -> float:
+        """How fast ``backend`` is relative to ``reference`` (measured; else the weights)."""
+        if backend is reference:
+            return 1.0
+        mine, theirs = self._stats(backend.name), self._stats(reference.name)
+        if any(shape in theirs.shapes for shape in mine.shapes) or (mine.per_unit and theirs.per_unit):
+            return 1.0 / max(self._relative(backend.name, reference.name), 1e-6)
+        return backend.weight / max(reference.weight, 1e-6)
+
+    def _planned_share(self, me: Candidate, others: list[Candidate], waiting: list, remaining: dict,
+                       can_run: Callable) -> dict:
+        """The fluid plan (plan.py) of the waiting work: {models: {kind: seconds of it this
+        backend should do}}, a kind being the set of backends able to run the job."""
+        everyone = [me, *others]
+        speeds = {c.backend.name: self.speed(c.backend, me.backend) for c in everyone}
+        busy = {c.backend.name: (remaining.get(c.backend.name, 0.0) if c is not me else
+                                 self.busy_until(me.backend, me.held, lambda j: j.needs)) for c in everyone}
+        demand: dict[tuple, float] = {}
+        edges: dict[tuple, list] = {}
+        for job in waiting:
+            # Backends with the job's model loaded first: the flow fills them first, so the
+            # plan keeps models where they are (fewer loads) among equally good plans.
+            able = sorted((c for c in everyone if can_run(job, c.backend)),
+                          key=lambda c: not (job.needs.models and job.needs.models <= self.loaded(c.backend, c.held)))
+            if not able:
+                continue
+            kind = (job.needs.models, frozenset(c.backend.name for c in able))
+            first = able[0]
+            demand[kind] = demand.get(kind, 0.0) + self.duration(first.backend, job.needs) * \
+                speeds[first.backend.name]
+            edges[kind] = [c.backend.name for c in able]
+        _, flow = fluid_plan(demand, speeds, busy, edges)
+        planned: dict[frozenset, dict] = {}
+        for (kind, name), seconds in flow.items():
+            if name == me.backend.name and seconds > 0:
+                planned.setdefault(kind[0], {})[kind[1]] = seconds
+        return planned
 
     def load_cost_to(self, backend: Backend, loaded: frozenset, models: frozenset) -> float:
         if not models or models <= loaded:
@@ -207,7 +278,7 @@ class Scheduler:
         stats = self._stats(backend.name)
         needs = job.needs
         switched = bool(needs.models) and not needs.models <= stats.loaded
-        expected = self.duration(backend, needs.shape) + self.load_cost_to(backend, stats.loaded, needs.models)
+        expected = self.duration(backend, needs) + self.load_cost_to(backend, stats.loaded, needs.models)
         stats.running[job.job_id] = (self.clock(), expected)
         job.switched_model = switched
         if needs.models:
@@ -231,6 +302,7 @@ class Scheduler:
             stats.shapes.pop(next(iter(stats.shapes)))
         stats.shapes[shape] = _ewma(stats.shapes.pop(shape, None), seconds)  # (re-inserted: recently seen)
         stats.per_job = _ewma(stats.per_job, seconds)
+        stats.per_unit = _ewma(stats.per_unit, seconds / job.needs.units)
 
     def cached_models(self, backend: str, models: frozenset) -> None:
         """ComfyUI reported a job's model loader cached: that model is loaded there."""
@@ -243,3 +315,8 @@ class Scheduler:
                        "model_loads": s.loads, "kinds_of_work_measured": len(s.shapes), "running": len(s.running)}
                 for name, s in self.stats.items()}
 
+
+
+def job_kind(job, me: Candidate, others: list[Candidate], can_run: Callable) -> frozenset:
+    """The backends able to run ``job`` (its kind, with its models, in the plan)."""
+    return frozenset(c.backend.name for c in (me, *others) if can_run(job, c.backend))
