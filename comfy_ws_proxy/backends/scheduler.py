@@ -1,18 +1,22 @@
-"""Where a job goes: among the backends that can run it (capabilities, labels) and are up
-(breaker), the one expected to finish it soonest.
+"""Which job a backend starts next. The choice is made when a backend can start one (late
+binding: the proxy's queue is the only queue), among the jobs it can run (capabilities,
+labels; pool.py), each owner's first of each model in fair order (queue.py).
 
-Expected finish on a backend = when it can start there (now if it has room, else when the
-jobs it holds are expected to end) + a model load if it has not just run the job's model
-+ how long the job takes there. Durations are learned online per backend: per kind of work
-(``capabilities.shape_of``), else per backend across its jobs, else the pool's average scaled
-by the configured weights. A model load's cost is learned from the runs that switched model.
+1. A job this backend declined while it stayed free for ``affinity_max_wait_s`` goes now:
+   waiting for a better backend is bounded, so affinity never becomes a hot spot.
+2. The fluid plan (plan.py) of all the waiting work says how much of each kind of work
+   (jobs of one model that the same backends can run) each backend should do for everything
+   to end soonest. The backend takes its planned work first: of the model it has loaded
+   first (no load), then what fewer backends can do, then the kinds it should do most of.
+3. Any other job it takes only if it would finish it no later than any other backend could,
+   counting what that one holds and the older jobs of the same model it would do first.
+   Otherwise it stays free (and the job waits, at most as in 1).
 
-The choice is made when a backend can start a job (late binding): it pulls the job it would
-finish soonest compared with every other backend, warm models first (see ``pick``). A job
-may so wait for a busy backend that would finish it sooner (its model is loaded there, or it
-is faster), but only ``affinity_max_wait_s`` from when it was queued: affinity never turns
-into a hot spot while a GPU that could run the job sits idle. Free backends choose in the
-order they were last given work (never "the first in the list" every time).
+Durations are learned online per backend: per kind of work (``capabilities.shape_of``), else
+from its seconds per sampler step, else from the same work on another backend scaled by how
+the two compare, else the pool's average scaled by the configured weights. A model load's cost
+is learned from the runs that switched model. Free backends choose in the order they were last
+given work (never "the first in the list" every time).
 """
 from __future__ import annotations
 
@@ -303,11 +307,6 @@ class Scheduler:
         stats.shapes[shape] = _ewma(stats.shapes.pop(shape, None), seconds)  # (re-inserted: recently seen)
         stats.per_job = _ewma(stats.per_job, seconds)
         stats.per_unit = _ewma(stats.per_unit, seconds / job.needs.units)
-
-    def cached_models(self, backend: str, models: frozenset) -> None:
-        """ComfyUI reported a job's model loader cached: that model is loaded there."""
-        if models:
-            self._stats(backend).loaded = models
 
     def snapshot(self) -> dict:
         return {name: {"seconds_per_job": round(s.per_job, 3) if s.per_job is not None else None,
