@@ -35,7 +35,8 @@ that GPU could run was waiting; model loads; p50/p99 queue wait (t=0 to start); 
 jobs run twice. The lower bound is ``load + max(W_S / speed_S over every backend subset S
 (the work of the jobs only S can run over S's summed speed), the longest job on its fastest
 capable backend)``: every backend that works loads one checkpoint first, so one load is in it,
-and further loads are not. Nothing is asserted.
+and further loads are not; or, if more, a backend's own work (the jobs only it can run) over its
+speed plus one load of each checkpoint among them (it must load each). Nothing is asserted.
 """
 from __future__ import annotations
 
@@ -150,7 +151,9 @@ def make_jobs(fleet: Fleet, count: int, seed: int) -> list[Job]:
 
 
 def lower_bound(fleet: Fleet, jobs: list[Job], step_s: float, load_s: float) -> float:
-    """See the module docstring: one load plus the tightest of the subset and longest-job bounds."""
+    """See the module docstring: one load plus the tightest of the subset and longest-job
+    bounds, or a backend's own jobs (those only it can run) with a load of each of their
+    checkpoints, if that is more."""
     specs = fleet.backends
     bound = 0.0
     for size in range(1, len(specs) + 1):
@@ -160,7 +163,15 @@ def lower_bound(fleet: Fleet, jobs: list[Job], step_s: float, load_s: float) -> 
             bound = max(bound, work / sum(b.speed for b in subset))
     for j in jobs:
         bound = max(bound, j.kind.steps * step_s / max(b.speed for b in specs if b.can_run(j.kind)))
-    return load_s + bound
+    bound += load_s
+    # A backend that alone can run jobs of several checkpoints must load each of them at least
+    # once: its own work plus that many loads.
+    for b in specs:
+        alone = [j for j in jobs if [x for x in specs if x.can_run(j.kind)] == [b]]
+        checkpoints = {j.kind.ckpt for j in alone}
+        if alone:
+            bound = max(bound, sum(j.kind.steps * step_s for j in alone) / b.speed + len(checkpoints) * load_s)
+    return bound
 
 
 # --- the fleet ---------------------------------------------------------------------------------
