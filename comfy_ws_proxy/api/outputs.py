@@ -89,13 +89,18 @@ class FileDownload(UserHandler):
         self.stall_timeout = stall_timeout
 
     async def download(self, backend, filename: str, subfolder: str, kind: str) -> None:
+        await self._in_a_slot(lambda: self._stream(backend, filename, subfolder, kind))
+
+    async def _in_a_slot(self, send) -> None:
+        """``await send()`` holding one of the owner's download slots (MAX_DOWNLOADS_PER_USER),
+        or a 429 when they hold every one."""
         owner = self.identity.user_id
         if not self.downloads.take(owner):
             self.set_header("Retry-After", "1")
             return self.write_json_error(429, "too_many_downloads",
                                          f"At most {self.downloads.per_user} downloads at once per user")
         try:
-            await self._stream(backend, filename, subfolder, kind)
+            await send()
         finally:
             self.downloads.give_back(owner)
 
@@ -151,15 +156,7 @@ class FileDownload(UserHandler):
         """One of a cached job's files (jobs/cache.py), from the proxy's own copy, with the
         headers a download from ComfyUI has: Content-Type, ETag (the content hash), 304, one
         byte range (206, 416); read off the IOLoop one chunk at a time."""
-        owner = self.identity.user_id
-        if not self.downloads.take(owner):
-            self.set_header("Retry-After", "1")
-            return self.write_json_error(429, "too_many_downloads",
-                                         f"At most {self.downloads.per_user} downloads at once per user")
-        try:
-            await self._send_copy(blobs, file)
-        finally:
-            self.downloads.give_back(owner)
+        await self._in_a_slot(lambda: self._send_copy(blobs, file))
 
     async def _send_copy(self, blobs, file: dict) -> None:
         sha = file.get("sha256") or ""
