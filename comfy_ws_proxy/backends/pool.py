@@ -116,8 +116,15 @@ class BackendPool:
         for c in [me, *others]:
             for job in c.held:
                 needs_of(job)
-        return self.scheduler.pick(me, candidates, waiting, others,
-                                   lambda job, b: self.refusal(job, b) is None, now, commit)
+        known: dict[tuple[str, str], bool] = {}  # (job, backend) -> can run: asked often in one pick
+
+        def can_run(job, b: Backend) -> bool:
+            key = (job.job_id, b.name)
+            answer = known.get(key)
+            if answer is None:
+                answer = known[key] = self.refusal(job, b) is None
+            return answer
+        return self.scheduler.pick(me, candidates, waiting, others, can_run, now, commit)
 
     # --- what the scheduler learns --------------------------------------------------------------
     def job_started(self, job) -> None:

@@ -20,6 +20,7 @@ given work (never "the first in the list" every time).
 """
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -64,6 +65,7 @@ class Scheduler:
         self.affinity_max_wait_s = affinity_max_wait_s
         self.stats: dict[str, BackendStats] = {}
         self._given = 0
+        self._memo: dict | None = None  # the estimates of the pick in progress
 
     def _stats(self, name: str) -> BackendStats:
         stats = self.stats.get(name)
@@ -73,8 +75,20 @@ class Scheduler:
 
     # --- estimates ------------------------------------------------------------------------
     def duration(self, backend: Backend, needs) -> float:
-        """How long a job of these needs takes there: measured for this kind of work; else its
-        work units (sampler steps) at that backend's measured seconds per unit; else ..."""
+        """How long a job of these needs takes there (remembered during one pick: a pick asks
+        for the same estimates thousands of times)."""
+        memo = self._memo
+        if memo is None:
+            return self._duration(backend, needs)
+        key = (backend.name, needs.shape, needs.units)
+        known = memo.get(key)
+        if known is None:
+            known = memo[key] = self._duration(backend, needs)
+        return known
+
+    def _duration(self, backend: Backend, needs) -> float:
+        """Measured for this kind of work; else its work units (sampler steps) at that
+        backend's measured seconds per unit; else ..."""
         shape = needs.shape
         stats = self._stats(backend.name)
         known = stats.shapes.get(shape)
@@ -130,6 +144,14 @@ class Scheduler:
 
     def pick(self, backend: Candidate, candidates: list, waiting: list, others: list[Candidate],
              can_run: Callable, now: float, commit: bool = True):
+        self._memo = {}
+        try:
+            return self._pick(backend, candidates, waiting, others, can_run, now, commit)
+        finally:
+            self._memo = None
+
+    def _pick(self, backend: Candidate, candidates: list, waiting: list, others: list[Candidate],
+              can_run: Callable, now: float, commit: bool):
         """The job ``backend`` (which has room) should start next, or None to stay free.
 
         ``candidates``: the jobs it may take, in the order fairness gives them (each owner's
@@ -168,6 +190,16 @@ class Scheduler:
                 if job.needs.models and job.needs.models == models and can_run(job, c.backend)
             ) / warm_count.get(models, 1)
 
+        # Per other backend and model: the waiting jobs it could run, oldest first, with the
+        # running sum of their durations there (so "the older jobs of that model" is a lookup).
+        older: dict[tuple, tuple[list, list]] = {}
+        for job in sorted(waiting, key=lambda j: j.order):
+            for c in others:
+                if can_run(job, c.backend):
+                    orders, sums = older.setdefault((c.backend.name, job.needs.models), ([], [0.0]))
+                    orders.append(job.order)
+                    sums.append(sums[-1] + self.duration(c.backend, job.needs))
+
         def other_finish(job, c: Candidate) -> float:
             """When ``c`` would finish ``job``: once free, after the work it would do first (if
             it has the job's model: the older jobs of that model, shared among those who could
@@ -175,9 +207,8 @@ class Scheduler:
             name = c.backend.name
             if not job.needs.models or job.needs.models <= loaded[name]:
                 able = 1 + sum(1 for o in others if can_run(job, o.backend))
-                before = sum(self.duration(c.backend, k.needs) for k in waiting
-                             if k.needs.models == job.needs.models and k.order < job.order
-                             and can_run(k, c.backend)) / able
+                orders, sums = older.get((name, job.needs.models), ([], [0.0]))
+                before = sums[bisect_left(orders, job.order)] / able
                 load = 0.0
             else:
                 before = warm_backlog[name]
@@ -234,11 +265,12 @@ class Scheduler:
                                  self.busy_until(me.backend, me.held, lambda j: j.needs)) for c in everyone}
         demand: dict[tuple, float] = {}
         edges: dict[tuple, list] = {}
+        loaded = {c.backend.name: self.loaded(c.backend, c.held) for c in everyone}
         for job in waiting:
             # Backends with the job's model loaded first: the flow fills them first, so the
             # plan keeps models where they are (fewer loads) among equally good plans.
             able = sorted((c for c in everyone if can_run(job, c.backend)),
-                          key=lambda c: not (job.needs.models and job.needs.models <= self.loaded(c.backend, c.held)))
+                          key=lambda c: not (job.needs.models and job.needs.models <= loaded[c.backend.name]))
             if not able:
                 continue
             kind = (job.needs.models, frozenset(c.backend.name for c in able))

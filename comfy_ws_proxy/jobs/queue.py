@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 # A backend with room looks at this many of each owner's queued jobs for one it should take
 # (each owner's first of each model: FIFO per owner and model).
 SCAN_PER_OWNER = 32
+# ... and at most this many jobs in all, owners in fair order (a pick stays a bounded piece of
+# work on the IOLoop however long the queue is).
+SCAN_MAX = 512
 
 
 class FairQueue:
@@ -230,6 +233,8 @@ class JobQueue:
             owners.sort(key=self.fair.served)  # (stable: arrival breaks ties)
         candidates, waiting = [], []
         for owner in owners:
+            if len(waiting) >= SCAN_MAX:
+                break
             jobs = [j for j in (self.tracker.get(i) for i in self.fair.first(owner, SCAN_PER_OWNER)) if j is not None]
             if extra is not None and extra.owner == owner:
                 jobs.append(extra)
