@@ -237,3 +237,35 @@ async def test_ready_and_metrics_detail_every_backend(io_loop):
         text = (await h.get("/metrics/prometheus", headers={
             "Authorization": "Bearer " + h.settings.metrics_secret})).body.decode()
         assert 'comfy_ws_proxy_backend_jobs{backend="a"}' in text and 'breaker_state{backend="b"' in text
+
+
+async def test_a_job_on_a_backend_no_longer_configured_goes_to_one_that_is(io_loop):
+    """COMFY_URL (a backend named default) becomes BACKENDS across a restart, with a job in
+    ComfyUI: nobody can ask "default" any more, so the job is sent again (at least once, as
+    RESUBMIT_UNKNOWN says) and its owner hears one outcome."""
+    async with ProxyHarness(store_path="file", sim_kwargs={"node_delay": 0.01}) as h:
+        alice = await h.connect("alice")
+        hold = h.sim.hold_node("3")
+        prompt_id = str(uuid.uuid4())
+        alice.send("submit_prompt", {"prompt": fresh(), "prompt_id": prompt_id})
+        await asyncio.wait_for(hold.reached, TIMEOUT)
+        other = await _start_sim()
+        h.settings = h.settings.replace(backends=({"name": "gpu0", "url": other.url},))
+        try:
+            await h.restart_proxy("kill")
+            hold.release()
+            alice = await h.connect("alice")
+            await alice.until(lambda: finals(alice, prompt_id))
+            assert [m["type"] for m in finals(alice, prompt_id)] == ["execution_success"]
+            assert other.completed_counts[prompt_id] == 1
+            job = h.state.tracker.get(prompt_id)
+            assert job.backend == "gpu0" and job.fenced == ()
+        finally:
+            await other.stop()
+
+
+async def _start_sim():
+    from comfy_ws_proxy.testing.comfyui import ComfySimulator
+    sim = ComfySimulator()
+    await sim.start()
+    return sim

@@ -94,6 +94,11 @@ class Reconciler:
         # After a restart: every job ComfyUI holds, and every POST whose answer was lost, is
         # asked about now; their owners' links come up to hear the rest.
         for job in self.tracker.unfinished():
+            if job.backend and self.pool.get(job.backend) is None \
+                    and (job.state in JobState.IN_COMFY or job.outcome_unknown):
+                # Its backend is no longer configured (renamed or removed): nobody can ask it.
+                self._move_away(job, f"Backend {job.backend} is no longer configured")
+                continue
             if job.state in JobState.IN_COMFY or job.outcome_unknown:
                 self.ask(job)
             backend = self.pool.get(job.backend) or self.pool.default
@@ -162,18 +167,19 @@ class Reconciler:
         else:
             self.down_since.setdefault(backend.name, self.clock())
 
-    def _move_away(self, job: Job) -> None:
-        """Its backend has been unreachable for FAILOVER_AFTER_S: the job goes to another one,
-        and is fenced on the old one (it may still hold it)."""
+    def _move_away(self, job: Job, why: str | None = None) -> None:
+        """Its backend cannot be asked (unreachable for FAILOVER_AFTER_S, or no longer
+        configured): the job goes to another one, and is fenced on the old one (it may still
+        hold it)."""
         old = job.backend
+        why = why or f"Backend {old} has been unreachable for {self.failover_after:g} s"
         may_have_run = job.gap or job.state == JobState.RUNNING
         if may_have_run and not self.resubmit_unknown:
-            log.warning("prompt's backend unreachable after it may have run, not sent again user=%s prompt=%s "
-                        "backend=%s", job.owner, job.job_id, old)
+            log.warning("prompt's backend cannot be asked after it may have run, not sent again user=%s "
+                        "prompt=%s backend=%s", job.owner, job.job_id, old)
             self.tracker.end_without_running(job, JobState.LOST, "error", {
                 "code": ErrorCode.OUTCOME_UNKNOWN, "prompt_id": job.job_id,
-                "message": f"Backend {old} has been unreachable for {self.failover_after:g} s while it may have run "
-                           "this prompt; it was not sent again"})
+                "message": f"{why} while it may have run this prompt; it was not sent again"})
             return
         log.warning("prompt moved off unreachable backend user=%s prompt=%s backend=%s state=%s", job.owner,
                     job.job_id, old, job.state)
@@ -191,7 +197,7 @@ class Reconciler:
             if not job.fenced or job.job_id in self._fencing or self._stopped:
                 continue
             backends = [self.pool.get(name) for name in job.fenced]
-            if not any(b is not None and b.available for b in backends):
+            if not any(b is None or b.available for b in backends):  # (None: no longer configured)
                 continue
             task = asyncio.ensure_future(self._unfence(job))
             self._fencing[job.job_id] = task
