@@ -81,10 +81,12 @@ async def test_a_job_no_backend_can_run_is_refused_at_once_in_comfyuis_shape(io_
             data = reply["data"]
             assert data["code"] == "invalid_prompt" and data["prompt_id"] and what in data["message"]
             assert set(data["error"]) == {"type", "message", "details", "extra_info"}
-            assert set(data["backends"]) == {"a", "b"}  # what each one lacks
-            if what == "NoSuchNode":  # ComfyUI's own answer: a top-level invalid_prompt
+            if what == "NoSuchNode":  # the same on both: ComfyUI's own answer, a top-level invalid_prompt
                 assert data["error"]["type"] == "invalid_prompt" and data["node_errors"] == {}
-            else:  # a value not in the list of files: per node, in ComfyUI's shape
+                assert data["message"] == data["error"]["message"] and "backends" not in data
+            else:  # a value not in either list of files: per node, in ComfyUI's shape
+                assert set(data["backends"]) == {"a", "b"}  # what each one lacks
+                assert data["message"].startswith("No backend can run this prompt")
                 entry = data["node_errors"]["4"]
                 assert entry["class_type"] == "CheckpointLoaderSimple"
                 assert entry["errors"][0]["type"] == "value_not_in_list" and entry["dependent_outputs"]

@@ -139,6 +139,8 @@ class JobViews:
                      "message": result.get("message", "The job failed")}
             if "node_errors" in result:
                 error["node_errors"] = result["node_errors"]  # ComfyUI's, unchanged
+            if "backends" in result:
+                error["backends"] = result["backends"]  # what each backend lacks (none could run it)
             return error
         return None
 

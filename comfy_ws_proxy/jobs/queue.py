@@ -117,9 +117,14 @@ def accepted_data(job: Job, *, queued: bool, node_errors: dict | None = None, **
 
 def no_backend_data(job: Job, why: dict[str, Refusal]) -> dict:
     """A job no backend can run, told as ComfyUI tells a refusal: its 400 body (``error`` and
-    ``node_errors``) from the first backend whose validation refused it; with several
-    backends the message names what each one lacks (and ``backends`` too)."""
-    body = next((r.body for r in why.values() if r.body is not None), None)
+    ``node_errors``), unchanged when every backend's verdict is the same; when they differ,
+    the first one's, and the message names what each backend lacks (and ``backends`` too)."""
+    bodies = [r.body for r in why.values()]
+    body = next((b for b in bodies if b is not None), None)
+    if body is not None and all(b == body for b in bodies):
+        # Every backend gives ComfyUI's same verdict: the prompt itself is wrong, and is told
+        # exactly as ComfyUI tells it.
+        return rejection_data(job, ComfyRejected(400, body))
     if body is not None:
         data = rejection_data(job, ComfyRejected(400, body))
     else:
@@ -127,10 +132,10 @@ def no_backend_data(job: Job, why: dict[str, Refusal]) -> dict:
                 "prompt_id": job.job_id, "status": 400, "node_errors": {},
                 "error": {"type": "no_backend", "message": "No backend can run this prompt", "details": "",
                           "extra_info": {}}}
-    if len(why) > 1 or body is None:
-        lines = "; ".join(f"{name}: {r.reason}" for name, r in why.items())
-        data["message"] = f"No backend can run this prompt ({lines})"[:2000]
-        data["backends"] = {name: r.reason for name, r in why.items()}
+    # The backends differ (or lack a label): say what each one lacks.
+    lines = "; ".join(f"{name}: {r.reason}" for name, r in why.items())
+    data["message"] = f"No backend can run this prompt ({lines})"[:2000]
+    data["backends"] = {name: r.reason for name, r in why.items()}
     return data
 
 
