@@ -426,9 +426,12 @@ class JobQueue:
     def _refuse_impossible(self) -> None:
         """Queued jobs that no backend can run (capabilities learned, or changed, since they
         were queued) end now, with what each backend lacks."""
-        impossible = []
+        impossible, looked_at = [], 0
         for owner in self.fair.owners():
+            if looked_at >= SCAN_MAX:
+                break  # (the rest when they come within reach)
             for job_id in self.fair.first(owner, SCAN_PER_OWNER):
+                looked_at += 1
                 job = self.tracker.get(job_id)
                 if job is not None:
                     possible, why = self.pool.runnable(job)
