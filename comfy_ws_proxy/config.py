@@ -698,6 +698,6 @@ def describe(settings: "Settings") -> Iterable[tuple[str, Any]]:
         yield o.name, value
 
 
-__all__ = ["BackendSpec", "backend_specs", "ConfigError", "OPTIONS", "Option", "Settings", "load_settings", "build_settings",
-           "settings_for_tests", "help_text", "describe", "DEFAULT_METRICS_SECRET"]
+__all__ = ["BackendSpec", "backend_specs", "ConfigError", "OPTIONS", "Option", "Settings", "load_settings",
+           "build_settings", "settings_for_tests", "help_text", "describe", "DEFAULT_METRICS_SECRET"]
 

@@ -54,7 +54,8 @@ async def test_a_job_needing_a_node_or_a_model_only_one_backend_has_always_runs_
         alice = await h.connect("alice")
         runs = []
         for i in range(4):
-            runs.append(("custom", await alice.run(txt2img_workflow("base.safetensors", seed=i, filters=("FancyGlow",)))))
+            glowing = txt2img_workflow("base.safetensors", seed=i, filters=("FancyGlow",))
+            runs.append(("custom", await alice.run(glowing)))
             runs.append(("xl", await alice.run(txt2img_workflow("xl.safetensors", seed=i))))
         for backend, (prompt_id, outcome) in runs:
             assert outcome == "execution_success"

@@ -144,6 +144,7 @@ class Scheduler:
 
     def pick(self, backend: Candidate, candidates: list, waiting: list, others: list[Candidate],
              can_run: Callable, now: float, commit: bool = True):
+        """See ``_pick``; the estimates are remembered for the duration of the call."""
         self._memo = {}
         try:
             return self._pick(backend, candidates, waiting, others, can_run, now, commit)
@@ -159,12 +160,9 @@ class Scheduler:
         waiting (for the others' backlogs); ``others``: the other backends that are up;
         ``can_run(job, backend)``; ``commit=False``: only asking (nothing is recorded).
 
-        A job this backend declined while it stayed free for ``affinity_max_wait_s`` goes
-        first. Otherwise work the fewest other backends can do goes first, then jobs whose model it has loaded
-        (fair order among them), then the models most work waits for. It takes the first one it would finish no later than any other backend could, counting
-        the work already waiting for that one (its held jobs, and the waiting jobs of the
-        models it has loaded): a GPU never sits idle while a job waits that it would finish
-        soonest, and never loads a model to take a job a warm one would finish first."""
+        The rules are the module's: a job declined too long first; then this backend's share
+        of the fluid plan; then a job it would finish no later than any other backend could;
+        else None (it stays free, and the candidates count as declined)."""
         if not candidates:
             return None
         b = backend.backend
