@@ -5,6 +5,11 @@ host = "127.0.0.1"            # nginx in front: see conf/nginx.conf
 port = 8190
 trust_forwarded = True        # X-Forwarded-For / X-Real-IP from nginx
 comfy_url = "http://127.0.0.1:8188"
+# Several ComfyUI servers instead (docs/backends.rst): each job goes to one that can run it.
+# backends = [
+#     {"name": "gpu0", "url": "http://10.0.0.10:8188", "weight": 2.0},
+#     {"name": "gpu1", "url": "http://10.0.0.11:8188", "labels": ["sdxl"]},
+# ]
 store_path = "/var/lib/comfy-ws-proxy/comfy_ws_proxy.sqlite3"
 jwt_jwks_url = ""             # e.g. "https://auth.example.com/.well-known/jwks.json" (or set JWT_JWKS_URL)
 jwt_issuers = ["https://auth.example.com/"]
