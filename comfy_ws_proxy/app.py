@@ -41,6 +41,7 @@ from .auth import build_verifier
 from .config import BackendSpec, backend_specs
 from .backends.backend import Backend
 from .backends.breaker import CircuitBreaker
+from .backends.capabilities import Capabilities
 from .backends.links import LinkManager
 from .backends.pool import BackendPool
 from .backends.scheduler import Scheduler
@@ -114,6 +115,7 @@ class ProxyState:
                                 validator=validate_prompt if settings.validate_prompts else None)
         self.templates = self._templates(settings)  # (before the store: a bad directory stops the start)
         self.store = open_store(settings.store_path)
+        self._remember_capabilities(wall)
         # the domain
         self.tracker = JobTracker(self.store, self.metrics, clock, wall, settings.share_comfy_status,
                                   settings.strip_comfy_errors)
@@ -175,6 +177,35 @@ class ProxyState:
         self.metrics.set_breaker(backend.name, backend.breaker.state.value)
         backend.add_breaker_listener(lambda old, new: self._breaker_changed(backend.name, new.value))
         return backend
+
+    def _remember_capabilities(self, wall: Callable[[], float]) -> None:
+        """Each backend's capabilities as last learned come from the store, so that a backend
+        down when the proxy starts is still known (a job only it could run waits for it; one
+        nobody can run is refused at once); each new set learned is kept there."""
+        try:
+            saved = self.store.capabilities()
+        except StoreError:
+            saved = {}
+        kept: dict[str, str | None] = {}  # backend -> the fingerprint of what the store has
+
+        def keep(b: Backend) -> None:
+            caps = b.capabilities
+            if caps is None or caps.remembered or caps.fingerprint == kept.get(b.name):
+                return
+            try:
+                self.store.save_capabilities(b.name, caps.to_json(), wall())
+                kept[b.name] = caps.fingerprint
+            except StoreError as e:
+                log.warning("could not keep backend %s's capabilities: %s", b.name, e)
+        for backend in self.pool:
+            if backend.name in saved:
+                try:
+                    backend.capabilities = Capabilities.from_json(saved[backend.name][0])
+                except (ValueError, KeyError, TypeError):
+                    log.warning("the stored capabilities of backend %s are unreadable; ignored", backend.name)
+
+            kept[backend.name] = backend.capabilities.fingerprint if backend.capabilities else None
+            backend.capability_listeners.append(keep)
 
     def _model_exists(self, folder: str, name: str) -> bool | None:
         """Has some backend this model file? None while a backend's model lists are unknown

@@ -272,3 +272,29 @@ async def _start_sim():
     sim = ComfySimulator()
     await sim.start()
     return sim
+
+
+async def test_capabilities_are_remembered_across_a_restart_for_a_backend_that_is_down(io_loop):
+    """A backend down when the proxy starts is known as it was last seen: a job only it can run
+    waits for it (and runs when it is back), one no backend can run is refused at once."""
+    fleet = {"a": {}, "b": {"extra_node_classes": ["FancyGlow"]}}
+    async with ProxyHarness(fleet=fleet, store_path="file") as h:
+        await capabilities_known(h)
+        await h.sims["b"].go_down()
+        await h.restart_proxy("kill")
+        b = h.state.pool.get("b")
+        assert b.capabilities is not None and b.capabilities.remembered
+        assert "FancyGlow" in b.capabilities.classes
+        alice = await h.connect("alice")
+        glowing = fresh()
+        glowing["3"] = {"class_type": "FancyGlow", "inputs": {"image": ["2", 0], "strength": 1.0}}
+        waiting = await alice.submit(glowing)
+        assert waiting["type"] == "prompt_accepted" and waiting["data"]["queued"] is True
+        refused = await alice.submit(txt2img_workflow("base.safetensors", filters=("NoSuchNode",)))
+        assert refused["type"] == "error" and refused["data"]["code"] == "invalid_prompt"
+        await h.sims["b"].come_up()
+        prompt_id = waiting["data"]["prompt_id"]
+        await alice.until(lambda: finals(alice, prompt_id))
+        assert ran_on(h, prompt_id) == ["b"]
+        b = h.state.pool.get("b")  # read again once it is back (its socket registered)
+        await until(lambda: not b.capabilities.remembered, [b.capability_listeners])

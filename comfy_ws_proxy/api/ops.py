@@ -52,7 +52,8 @@ class ReadyHandler(OpsHandler):
         reasons = await asyncio.gather(*(self._backend_reason(b) for b in backends))
         detail = {b.name: {"status": reason or "ready", "breaker": b.breaker.state.value,
                            "jobs": state.tracker.placed_count(b.name),
-                           "capabilities_known": b.capabilities is not None}
+                           "capabilities_known": b.capabilities is not None,
+                           "capabilities_remembered": b.capabilities is not None and b.capabilities.remembered}
                   for b, reason in zip(backends, reasons)}
         default = state.pool.default
         if all(reasons):

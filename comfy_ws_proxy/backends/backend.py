@@ -200,7 +200,7 @@ class Backend:
         return parsed
 
     async def _refresh(self) -> None:
-        self._refreshed_at = self.clock()
+        started = self.clock()
         timeout = max(self.request_timeout, CAPABILITIES_TIMEOUT_S)  # (a big /object_info)
         try:
             info = await self._read("/object_info", timeout)
@@ -223,6 +223,7 @@ class Backend:
             return
         new = Capabilities(info, models, system if isinstance(system, dict) else {}, self.clock())
         old, self.capabilities = self.capabilities, new
+        self._refreshed_at = started  # (a refresh that failed does not hold the next one back)
         if old is None or old.fingerprint != new.fingerprint:
             log.info("ComfyUI %s: %d node classes, %d model files, version %s", self.name, len(new.classes),
                      sum(len(v) for v in models.values()), new.comfyui_version or "?")

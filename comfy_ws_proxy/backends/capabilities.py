@@ -27,10 +27,21 @@ class Capabilities:
     system: dict = field(default_factory=dict)  # /system_stats
     learned_at: float = 0.0  # the clock's time
     fingerprint: str = ""
+    remembered: bool = False  # from the store (as last learned before a restart), not read yet
 
     def __post_init__(self) -> None:
         self.classes = frozenset(self.object_info)
         self.fingerprint = self.fingerprint or self._fingerprint()
+
+    def to_json(self) -> str:
+        return json.dumps({"object_info": self.object_info, "system": self.system,
+                           "models": {k: sorted(v) for k, v in self.models.items()}}, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Capabilities":
+        data = json.loads(text)
+        return cls(data["object_info"], {k: frozenset(v) for k, v in data["models"].items()}, data["system"],
+                   remembered=True)
 
     @property
     def comfyui_version(self) -> str:

@@ -144,7 +144,8 @@ class LinkManager:
 
     def link_up(self, link: ComfyLink, reconnected: bool) -> None:
         link.backend.websocket_up_at = asyncio.get_running_loop().time()
-        if reconnected:
+        caps = link.backend.capabilities
+        if reconnected or caps is None or caps.remembered:  # (it may be back with other nodes or models)
             link.backend.upstream_registered()
         self.metrics.upstream_connections.inc()
         if reconnected:

@@ -78,6 +78,12 @@ class JobStore(Protocol):
     def cache_delete(self, keys: Iterable[str]) -> None:
         """Forget these entries (expired or evicted)."""
 
+    def capabilities(self) -> dict[str, tuple[str, float]]:
+        """Each backend's capabilities as last learned: name -> (their JSON, wall time)."""
+
+    def save_capabilities(self, backend: str, body: str, learned_at: float) -> None:
+        """Keep a backend's capabilities (JSON) for after a restart."""
+
     def secret(self, name: str) -> bytes:
         """A random secret of this deployment, minted once and kept: the same after any
         restart and for every process sharing the store."""

@@ -84,6 +84,11 @@ CREATE TABLE IF NOT EXISTS client_ids (
     client_id TEXT NOT NULL,
     PRIMARY KEY (user_id, backend)
 );
+CREATE TABLE IF NOT EXISTS capabilities (
+    backend TEXT PRIMARY KEY,
+    body TEXT NOT NULL,
+    learned_at REAL NOT NULL
+);
 """
 
 # Columns added after the first wave, with the value an older row gets. Rows written before
@@ -357,6 +362,20 @@ class SqliteJobStore:
         except sqlite3.Error as e:
             raise StoreError(str(e)) from None
         return client_id
+
+    def capabilities(self) -> dict[str, tuple[str, float]]:
+        try:
+            return {name: (body, learned_at) for name, body, learned_at in
+                    self.db.execute("SELECT backend, body, learned_at FROM capabilities")}
+        except sqlite3.Error as e:
+            raise StoreError(str(e)) from None
+
+    def save_capabilities(self, backend: str, body: str, learned_at: float) -> None:
+        try:
+            self.db.execute("INSERT OR REPLACE INTO capabilities (backend, body, learned_at) VALUES (?, ?, ?)",
+                            (backend, body, learned_at))
+        except sqlite3.Error as e:
+            raise StoreError(str(e)) from None
 
     def secret(self, name: str) -> bytes:
         try:
