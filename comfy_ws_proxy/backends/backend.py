@@ -118,6 +118,8 @@ class Backend:
         self._refresh_again = False
         self._refreshed_at: float | None = None
         self._refresh_done = asyncio.Event()  # set whenever a refresh ends (learned or not)
+        self._refresh_task: asyncio.Future | None = None
+        self._stopped = False
         self._refresh_timer = PeriodicCallback(self.refresh_capabilities, capabilities_refresh_s * 1000)
         self.base_url = base_url.rstrip("/")
         parts = urlsplit(self.base_url)
@@ -147,14 +149,18 @@ class Backend:
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
+        self._stopped = False
         self._probe_timer.start()
         self._refresh_timer.start()
         self.breaker.listeners.append(self._breaker_moved)
         self.refresh_capabilities()
 
     def stop(self) -> None:
+        self._stopped = True
         self._probe_timer.stop()
         self._refresh_timer.stop()
+        if self._refresh_task is not None:
+            self._refresh_task.cancel()  # (a read of the capabilities in flight)
 
     # --- capabilities ----------------------------------------------------------------------
     def _breaker_moved(self, old: BreakerState, new: BreakerState) -> None:
@@ -168,11 +174,14 @@ class Backend:
             self.refresh_capabilities()
 
     def refresh_capabilities(self) -> None:
+        if self._stopped:
+            return
         if self._refreshing:
             self._refresh_again = True
             return
         self._refreshing = True
-        asyncio.ensure_future(self._refresh()).add_done_callback(self._refreshed)
+        self._refresh_task = asyncio.ensure_future(self._refresh())
+        self._refresh_task.add_done_callback(self._refreshed)
 
     async def learn_capabilities(self, timeout: float) -> Capabilities | None:
         """The capabilities, read now if they are not known yet (waiting at most ``timeout``)."""
@@ -187,7 +196,10 @@ class Backend:
 
     def _refreshed(self, future: asyncio.Future) -> None:
         self._refreshing = False
+        self._refresh_task = None
         self._refresh_done.set()
+        if future.cancelled():
+            return
         if not future.cancelled() and future.exception() is not None:
             log.error("reading ComfyUI %s's capabilities failed", self.name, exc_info=future.exception())
         if self._refresh_again:
