@@ -138,7 +138,10 @@ def snapshot(state, detailed: bool) -> dict:
                                   "node_classes": len(b.capabilities.classes),
                                   "model_files": sum(len(v) for v in b.capabilities.models.values()),
                                   "comfyui_version": b.capabilities.comfyui_version,
-                                  "vram_total": b.capabilities.vram_total},
+                                  "vram_total": b.capabilities.vram_total,
+                                  # (remembered: as last seen before a restart, not read since)
+                                  "age_s": None if b.capabilities.remembered else
+                                  round(state.clock() - b.capabilities.learned_at, 1)},
                               **state.pool.scheduler.snapshot().get(b.name, {})}
                      for b in state.pool},
         "queued_prompts": queued,

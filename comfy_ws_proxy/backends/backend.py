@@ -167,9 +167,10 @@ class Backend:
         if new == BreakerState.CLOSED:
             self.refresh_capabilities()  # it was away: it may have come back with other nodes
 
-    def upstream_registered(self) -> None:
-        """An upstream socket registered: after a ComfyUI restart it may have other nodes or
-        models. Many users' sockets come back together: one refresh per REFRESH_MIN_S."""
+    def refresh_soon(self) -> None:
+        """Read the capabilities again, at most once per REFRESH_MIN_S: an upstream socket
+        registered again (after a ComfyUI restart it may have other nodes or models, and every
+        user's socket comes back at once), or a job named a file not in its lists."""
         if self._refreshed_at is None or self.clock() - self._refreshed_at >= REFRESH_MIN_S:
             self.refresh_capabilities()
 

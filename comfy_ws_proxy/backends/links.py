@@ -146,7 +146,7 @@ class LinkManager:
         link.backend.websocket_up_at = asyncio.get_running_loop().time()
         caps = link.backend.capabilities
         if reconnected or caps is None or caps.remembered:  # (it may be back with other nodes or models)
-            link.backend.upstream_registered()
+            link.backend.refresh_soon()
         self.metrics.upstream_connections.inc()
         if reconnected:
             self.metrics.upstream_reconnects.inc()

@@ -82,7 +82,7 @@ class BackendPool:
         if refusal is not None and _lists_in(body):
             # A value not in a list may be a model file added since the list was read: look
             # again (at most every REFRESH_MIN_S), so that trying again soon works.
-            backend.upstream_registered()
+            backend.refresh_soon()
         job.fits[backend.name] = (caps.fingerprint, refusal)
         return refusal
 

@@ -121,7 +121,7 @@ class Scheduler:
             return a.per_job / b.per_job
         return 1.0
 
-    def busy_until(self, backend: Backend, held: Iterable, shape_of: Callable) -> float:
+    def busy_until(self, backend: Backend, held: Iterable, needs_of: Callable) -> float:
         """Seconds from now until the jobs it holds are expected to be done."""
         stats, now, total = self._stats(backend.name), self.clock(), 0.0
         for job in held:
@@ -130,7 +130,7 @@ class Scheduler:
                 begun, expected = started
                 total += max(expected - (now - begun), expected * OVERDUE_SHARE)
             else:
-                total += self.duration(backend, shape_of(job))
+                total += self.duration(backend, needs_of(job))
         return total
 
     # --- the choice -----------------------------------------------------------------------

@@ -183,7 +183,7 @@ class JobQueue:
             self.fair.remove(job.owner, job.job_id)
         if job.state == JobState.RUNNING and old != JobState.RUNNING:
             self.pool.job_started(job)
-        elif old == JobState.RUNNING and job.finished:
+        elif old == JobState.RUNNING and job.state != JobState.RUNNING:  # (finished, or moved)
             self.pool.job_ended(job, job.state == JobState.SUCCESS)
         self.metrics.queued_prompts.set(len(self.fair))
 

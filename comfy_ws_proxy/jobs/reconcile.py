@@ -75,6 +75,8 @@ class Reconciler:
         self.failover_after = settings.failover_after_s
         self.down_since: dict[str, float] = {}  # backend -> since when its breaker is not closed
         self._fencing: dict[str, asyncio.Future] = {}  # job id -> taking it out of a fenced backend
+        # Jobs with a fence (a set, so the watchdog's tick does not walk every job kept).
+        self.fenced_ids = {job.job_id for job in tracker.jobs.values() if job.fenced}
         for backend in pool:
             backend.add_breaker_listener(lambda old, new, b=backend: self._breaker_moved(b, new))
         self._timer = PeriodicCallback(self.tick, WATCHDOG_TICK_S * 1000)
@@ -186,6 +188,7 @@ class Reconciler:
         job.gap = job.final_seen = False
         fenced = job.fenced if old in job.fenced else (*job.fenced, old)
         self.tracker.move(job, JobState.QUEUED, outcome_unknown=False, fenced=fenced)
+        self.fenced_ids.add(job.job_id)
         self.queue.metrics.prompts.labels("fenced").inc()
         self.queue.kick()
 
@@ -193,8 +196,12 @@ class Reconciler:
         """Take every fenced job out of each fenced backend that can be asked again: delete it
         from that ComfyUI's queue, interrupt it if it runs there, and lift the fence once that
         ComfyUI no longer holds it. (Until then nothing it says about the job is delivered.)"""
-        for job in list(self.tracker.jobs.values()):
-            if not job.fenced or job.job_id in self._fencing or self._stopped:
+        for job_id in list(self.fenced_ids):
+            job = self.tracker.get(job_id)
+            if job is None or not job.fenced:  # (lifted, or the job forgotten)
+                self.fenced_ids.discard(job_id)
+                continue
+            if job_id in self._fencing or self._stopped:
                 continue
             backends = [self.pool.get(name) for name in job.fenced]
             if not any(b is None or b.available for b in backends):  # (None: no longer configured)
