@@ -589,6 +589,8 @@ class PromptError(Exception):
 def _types_match(received: str, expected: str) -> bool:
     if received == expected or "*" in (received, expected):
         return True
+    if not isinstance(received, str) or not isinstance(expected, str):
+        return False  # ComfyUI's validate_node_input: "Not equal, and not strings" (a combo input)
     return bool(set(received.split(",")) & set(expected.split(",")))
 
 
